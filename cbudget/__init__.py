@@ -1,0 +1,1 @@
+"""cbudget: bound propagation and certified training with learned per-dimension perturbation budgets."""

@@ -1,0 +1,51 @@
+"""cbudget.bounds: sound output bounds of JAX functions over (non-uniform) boxes.
+
+Entry points, each ``method(fn) -> bound(params, box, ...)``, jit/grad/vmap compatible:
+
+* :func:`ibp` — interval bound propagation.
+* :func:`crown` — linear relaxations propagated backward (CROWN-IBP with ``intermediate="ibp"``,
+  full CROWN with ``intermediate="crown"``).
+
+Extend the rules at run time with :func:`register_affine`, :func:`register_activation` and
+:func:`register_interval` (or on a private :class:`Registry`).
+"""
+
+from cbudget.bounds._src.api import DEFAULT_REGISTRY, crown, ibp
+from cbudget.bounds._src.box import Box
+from cbudget.bounds._src.registry import (LinearBounds, Registry, UnsupportedPrimitiveError,
+                                          activation_rule, affine_rule, interval_rule)
+from cbudget.bounds._src.relaxations import SLOPE_CHOICES
+
+
+def register_affine(key, ibp, *, affine_if=None, registry=None, override=False):
+  """Register an operation that is affine in its bounded arguments.
+
+  ``key``: a ``jax.extend.core.Primitive``, or the name of a function (a ``jit`` or
+  ``custom_jvp``/``custom_vjp`` function; the function object itself works too). ``ibp(*args,
+  **params) -> Box`` gets concrete arrays and :class:`Box` es. CROWN passes through the operation
+  exactly with its vector-Jacobian product.
+  """
+  return (registry or DEFAULT_REGISTRY).register(key, affine_rule(ibp, affine_if), override=override)
+
+
+def register_activation(key, ibp, relax=None, *, registry=None, override=False):
+  """Register an element-wise nonlinearity of one bounded argument.
+
+  ``ibp(lower, upper, op) -> (lo, hi)`` and ``relax(lower, upper, op) -> LinearBounds`` must hold
+  for every point of ``[lower, upper]``; ``op`` evaluates the operation on a concrete array. Without
+  ``relax``, CROWN uses the interval bounds at this node.
+  """
+  return (registry or DEFAULT_REGISTRY).register(key, activation_rule(ibp, relax),
+                                                 override=override)
+
+
+def register_interval(key, ibp, *, registry=None, override=False):
+  """Register an operation with interval bounds only: ``ibp(*args, **params) -> Box``."""
+  return (registry or DEFAULT_REGISTRY).register(key, interval_rule(ibp), override=override)
+
+
+__all__ = [
+    "Box", "DEFAULT_REGISTRY", "LinearBounds", "Registry", "SLOPE_CHOICES",
+    "UnsupportedPrimitiveError", "crown", "ibp", "register_activation", "register_affine",
+    "register_interval",
+]

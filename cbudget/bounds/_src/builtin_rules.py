@@ -1,0 +1,237 @@
+"""The built-in bound rules, registered in the default registry.
+
+* Structural and additive primitives are affine with a known sign per argument, so their interval
+  bounds are the primitive applied to the lower/upper ends (``sub`` flips its second argument).
+* Bilinear primitives (``mul``, ``dot_general``, ``conv_general_dilated``, ``div`` by a constant) use
+  centre/radius form: ``op(c, W) +- op(r, |W|)``, the exact range of an affine map over a box.
+* ``max``/``min`` with a constant are one-kink piecewise-linear activations (ReLU is ``max(z, 0)``);
+  with two bounded arguments they are monotone, with interval bounds only.
+* ``abs``, ``logistic``, ``tanh`` and the named ``leaky_relu`` and ``hard_tanh`` functions are
+  activations with linear relaxations; max pooling and other max/min reductions are interval-only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import primitives as P
+
+from cbudget.bounds._src import relaxations
+from cbudget.bounds._src.box import Box
+from cbudget.bounds._src.registry import (ActivationRule, Affine, LinearBounds, Registry, Relaxation,
+                                          UnsupportedPrimitiveError, bounded_positions, is_box)
+
+
+def _require_concrete(args, allowed, name):
+  for i, a in enumerate(args):
+    if is_box(a) and i not in allowed:
+      raise UnsupportedPrimitiveError(
+          f"'{name}' argument {i} depends on the bounded input; cbudget.bounds can only bound "
+          f"'{name}' when that argument is concrete (e.g. indices or a predicate computed from "
+          "params). Register a rule for the enclosing function to handle it.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SignedRule:
+  """An operation monotone in each argument with a fixed direction (``signs[i]`` is +1 or -1).
+
+  Interval bounds: evaluate at the lower end of increasing args and the upper end of decreasing
+  ones (and vice versa), which is exact for such maps. ``affine`` says whether the map is also
+  affine in its bounded args (then the CROWN backward pass goes through it with a VJP); otherwise
+  (max pooling, sorting) the backward pass uses the interval bounds.
+  """
+
+  name: str
+  signs: Callable[[int], int] = lambda i: 1
+  allowed: Callable[[int], bool] = lambda i: True
+  affine: bool = True
+
+  @property
+  def kind(self):
+    return "affine" if self.affine else "interval"
+
+  def ibp(self, args, params, evaluate):
+    _require_concrete(args, [i for i in range(len(args)) if self.allowed(i)], self.name)
+    pick = lambda end: [a if not is_box(a) else
+                        (a.lower if (self.signs(i) > 0) == (end == "lower") else a.upper)
+                        for i, a in enumerate(args)]
+    lows, highs = evaluate(*pick("lower")), evaluate(*pick("upper"))
+    return [Box(lo, hi) for lo, hi in zip(lows, highs)]
+
+  def linearize(self, args, params, evaluate, options):
+    return Affine(bounded_positions(args)) if self.affine else None
+
+
+@dataclasses.dataclass(frozen=True)
+class BilinearRule:
+  """``op(a, b)`` linear in each argument: ``mul``, ``dot_general``, ``conv_general_dilated``, ``div``.
+
+  One bounded argument: ``op(c, W) +- op(r, |W|)`` (exact range; affine, so CROWN passes through).
+  Two bounded arguments (only where ``both_ok``): ``op(ca, cb) +- (op(|ca|, rb) + op(ra, |cb|) +
+  op(ra, rb))``, sound for sums of products; CROWN then uses these interval bounds.
+  """
+
+  name: str
+  bounded_ok: tuple[int, ...] = (0, 1)
+  both_ok: bool = True
+  kind: str = "affine"
+
+  def ibp(self, args, params, evaluate):
+    bounded = bounded_positions(args)
+    if any(i not in self.bounded_ok for i in bounded):
+      raise UnsupportedPrimitiveError(
+          f"'{self.name}' with a bounded argument {bounded} is not supported (only argument(s) "
+          f"{self.bounded_ok} may depend on the bounded input)")
+    if len(bounded) == 1:
+      i = bounded[0]
+      box = args[i]
+      centre_args = list(args)
+      radius_args = [a if is_box(a) else jnp.abs(a) for a in args]
+      centre_args[i], radius_args[i] = box.center, box.radius
+      c, r = evaluate(*centre_args)[0], evaluate(*radius_args)[0]
+      return [Box(c - r, c + r)]
+    if not self.both_ok:
+      raise UnsupportedPrimitiveError(f"'{self.name}' of two bounded values is not supported")
+    a, b = args
+    if self.name == "mul":   # exact interval product
+      corners = jnp.stack([a.lower * b.lower, a.lower * b.upper, a.upper * b.lower, a.upper * b.upper])
+      return [Box(corners.min(0), corners.max(0))]
+    ca, ra, cb, rb = a.center, a.radius, b.center, b.radius
+    c = evaluate(ca, cb)[0]
+    r = evaluate(jnp.abs(ca), rb)[0] + evaluate(ra, jnp.abs(cb))[0] + evaluate(ra, rb)[0]
+    return [Box(c - r, c + r)]
+
+  def linearize(self, args, params, evaluate, options):
+    bounded = bounded_positions(args)
+    return Affine(bounded) if len(bounded) == 1 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertRule:
+  """``convert_element_type`` between floating types is the identity on values."""
+
+  kind: str = "affine"
+
+  def ibp(self, args, params, evaluate):
+    if not jnp.issubdtype(params["new_dtype"], jnp.floating):
+      raise UnsupportedPrimitiveError(
+          f"convert_element_type of a bounded value to {params['new_dtype']} is not supported")
+    (box,) = args
+    return [Box(evaluate(box.lower)[0], evaluate(box.upper)[0])]
+
+  def linearize(self, args, params, evaluate, options):
+    return Affine((0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class KinkRule:
+  """``max(z, c)`` / ``min(z, c)`` with ``c`` concrete: a one-kink piecewise-linear activation.
+
+  ``max(z, c) = c + relu(z - c)`` and ``min(z, c) = c + min(z - c, 0)``. With both arguments bounded
+  the result is monotone in each: interval bounds, used as they are by CROWN.
+  """
+
+  is_max: bool
+  kind: str = "activation"
+
+  def _split(self, args):
+    bounded = bounded_positions(args)
+    if len(bounded) != 1:
+      return None
+    i = bounded[0]
+    return args[i], args[1 - i]
+
+  def ibp(self, args, params, evaluate):
+    op = jnp.maximum if self.is_max else jnp.minimum
+    a, b = [x if is_box(x) else Box(x, x) for x in args]
+    return [Box(op(a.lower, b.lower), op(a.upper, b.upper))]
+
+  def linearize(self, args, params, evaluate, options):
+    split = self._split(args)
+    if split is None:
+      return None
+    box, c = split
+    c = jnp.asarray(c, box.lower.dtype)
+    if jnp.broadcast_shapes(jnp.shape(c), box.shape) != box.shape:
+      return None
+    left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
+    bounds = relaxations.two_piece_relaxation(box.lower - c, box.upper - c, left, right,
+                                              options.get("relu_lower_slope", "adaptive"))
+    bounds = relaxations.shift(bounds, c, c)
+    return Relaxation(bounded_positions(args)[0], LinearBounds(*[jnp.broadcast_to(b, box.shape)
+                                                                 for b in bounds]))
+
+
+def _monotone_ibp(l, u, op):
+  return op(l), op(u)
+
+
+def _two_piece_ibp(left_right):
+  def ibp(l, u, op):
+    left, right = left_right(l, op)
+    return relaxations.two_piece_interval(l, u, left, right)
+  return ibp
+
+
+def _two_piece_relax(left_right):
+  def relax(l, u, op, options):
+    left, right = left_right(l, op)
+    return relaxations.two_piece_relaxation(l, u, left, right,
+                                            options.get("relu_lower_slope", "adaptive"))
+  return relax
+
+
+def _leaky_slopes(l, op):
+  # The named function is jax.nn.leaky_relu: its negative-side slope is -f(-1), read off the trace so
+  # that any negative_slope (a literal or an argument) is honoured.
+  return -op(-jnp.ones_like(l)), jnp.ones_like(l)
+
+
+def _abs_slopes(l, op):
+  return -jnp.ones_like(l), jnp.ones_like(l)
+
+
+def _activation(ibp, relax, takes_options=False):
+  return ActivationRule(ibp, relax, takes_options)
+
+
+def _hard_tanh_ibp(l, u, op):
+  return jnp.clip(l, -1, 1), jnp.clip(u, -1, 1)
+
+
+def register_builtins(registry: Registry) -> Registry:
+  for prim in (P.reshape_p, P.broadcast_in_dim_p, P.transpose_p, P.squeeze_p, P.slice_p,
+               P.concatenate_p, P.pad_p, P.reduce_sum_p, P.reduce_window_sum_p, P.copy_p, P.rev_p,
+               P.add_p, P.add_jaxvals_p, P.cumsum_p, P.reduce_precision_p,
+               P.sharding_constraint_p):
+    registry.register(prim, SignedRule(prim.name))
+  registry.register(P.sub_p, SignedRule("sub", signs=lambda i: 1 if i == 0 else -1))
+  registry.register(P.neg_p, SignedRule("neg", signs=lambda i: -1))
+  # The predicate of select_n and the indices of slicing/gathering must be concrete.
+  registry.register(P.select_n_p, SignedRule("select_n", allowed=lambda i: i > 0))
+  registry.register(P.dynamic_slice_p, SignedRule("dynamic_slice", allowed=lambda i: i == 0))
+  registry.register(P.gather_p, SignedRule("gather", allowed=lambda i: i == 0))
+  registry.register(P.convert_element_type_p, ConvertRule())
+  for prim in (P.reduce_max_p, P.reduce_min_p, P.reduce_window_max_p, P.reduce_window_min_p,
+               P.cummax_p, P.cummin_p):
+    registry.register(prim, SignedRule(prim.name, affine=False))
+  registry.register(P.mul_p, BilinearRule("mul"))
+  registry.register(P.dot_general_p, BilinearRule("dot_general"))
+  registry.register(P.conv_general_dilated_p, BilinearRule("conv_general_dilated"))
+  registry.register(P.div_p, BilinearRule("div", bounded_ok=(0,), both_ok=False))
+  registry.register(P.max_p, KinkRule(is_max=True))
+  registry.register(P.min_p, KinkRule(is_max=False))
+  registry.register(P.abs_p, _activation(_two_piece_ibp(_abs_slopes),
+                                         _two_piece_relax(_abs_slopes), True))
+  registry.register("leaky_relu", _activation(_two_piece_ibp(_leaky_slopes),
+                                              _two_piece_relax(_leaky_slopes), True))
+  registry.register("hard_tanh", _activation(_hard_tanh_ibp,
+                                             lambda l, u, op: relaxations.hard_tanh_relaxation(l, u)))
+  registry.register(P.logistic_p, _activation(_monotone_ibp,
+                                              lambda l, u, op: relaxations.sigmoid_relaxation(l, u)))
+  registry.register(P.tanh_p, _activation(_monotone_ibp,
+                                          lambda l, u, op: relaxations.tanh_relaxation(l, u)))
+  return registry

@@ -1,0 +1,186 @@
+"""Forward interval propagation and the CROWN backward pass over a traced :class:`Graph`.
+
+Everything here works on ONE example: the public entry points trace ``f`` on a batch of one and
+``jax.vmap`` over the batch, so linear coefficients never mix examples (``f`` must treat examples
+independently, as every inference-mode classifier does).
+
+Linear coefficients ``lam`` for a value of shape ``s`` have shape ``[R, *s]``: one row per bound being
+computed (a spec row, or a neuron of an intermediate layer, with a sign). The backward pass returns,
+for each row, a lower bound of ``<lam, value>`` over the input box.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cbudget.bounds._src.box import Box
+from cbudget.bounds._src.graph import Graph, Node
+from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiveError, is_box
+
+
+def _contract(lam, value):
+  """``sum(lam * value)`` over all axes but the first (rows), broadcasting ``value``."""
+  value = jnp.broadcast_to(value, lam.shape[1:])
+  return jnp.tensordot(lam, value, axes=value.ndim) if value.ndim else lam * value
+
+
+def _ibp_node(node: Node, args) -> list:
+  try:
+    outs = node.rule.ibp(args, node.params, node.evaluate)
+  except UnsupportedPrimitiveError as e:
+    raise UnsupportedPrimitiveError(f"{e} [at {node.describe()}]") from None
+  outs = [outs] if isinstance(outs, Box) else list(outs)
+  if len(outs) != len(node.outputs):
+    raise ValueError(f"the bound rule for {node.describe()} returned {len(outs)} outputs, expected "
+                     f"{len(node.outputs)}")
+  return outs
+
+
+class Propagator:
+  """Holds the bounds of every value of one example and runs backward passes over them."""
+
+  def __init__(self, graph: Graph, leaves, box: Box, options: dict):
+    self.graph = graph
+    self.options = options
+    self.env: dict[int, Any] = dict(graph.consts)
+    for i, v in zip(graph.inputs[:-1], leaves):
+      self.env[i] = v
+    self.input_id = graph.inputs[-1]
+    self.env[self.input_id] = box
+    self.producer = graph.producer_index()
+    self._linear: dict[int, Any] = {}   # node index -> linearisation, fixed once computed
+
+  # -- forward ---------------------------------------------------------------------------------
+
+  def forward(self, refine=None):
+    """Bounds for every value in topological order; ``refine(index, node)`` may first tighten a
+    node's bounded inputs (full CROWN does, with backward passes)."""
+    for index, node in enumerate(self.graph.nodes):
+      if node.bounded and refine is not None:
+        refine(index, node)
+      args = [self.env[i] for i in node.inputs]
+      outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
+      self.env.update(zip(node.outputs, outs))
+
+  # -- backward --------------------------------------------------------------------------------
+
+  def _linearize(self, index: int, node: Node, relax: bool):
+    key = (index, relax)
+    if key not in self._linear:
+      args = [self.env[i] for i in node.inputs]
+      lin = node.rule.linearize(args, node.params, node.evaluate, self.options)
+      if isinstance(lin, Relaxation) and not relax:
+        lin = None
+      if isinstance(lin, Affine):
+        lin = self._affine_pullback(node, args, lin.bounded)
+      self._linear[key] = lin
+    return self._linear[key]
+
+  @staticmethod
+  def _affine_pullback(node: Node, args, bounded):
+    """VJP of the node as a function of its bounded args, at zero: its value there is the offset."""
+
+    def fn(*values):
+      full = list(args)
+      for i, v in zip(bounded, values):
+        full[i] = v
+      return node.evaluate(*full)
+
+    zeros = [jnp.zeros(args[i].shape, args[i].dtype) for i in bounded]
+    offsets, pullback = jax.vjp(fn, *zeros)
+    return bounded, offsets, pullback
+
+  def prepare(self, target: int, relax: bool = True):
+    """Linearise every node the backward pass from ``target`` visits, in the current trace.
+
+    Call it before running backward passes inside ``lax.map``, so that the cached linearisations
+    belong to the outer trace rather than leak out of the loop body.
+    """
+    needed = {target}
+    for index in range(self.producer.get(target, -1), -1, -1):
+      node = self.graph.nodes[index]
+      if node.bounded and any(o in needed for o in node.outputs):
+        self._linearize(index, node, relax)
+        needed.update(i for i in node.inputs if i in self.graph.bounded)
+
+  def backward(self, target: int, lam, relax: bool = True):
+    """Lower bounds ``[R]`` of ``<lam[r], value(target)>`` over the input box.
+
+    With ``relax=False`` only affine nodes are passed through; the first non-affine node meets its
+    interval bounds (this is IBP with the spec folded into the trailing affine layers).
+    """
+    if target not in self.graph.bounded:
+      return _contract(lam, self.env[target])
+    lams = {target: lam}
+    bias = jnp.zeros(lam.shape[:1], lam.dtype)
+    stop = self.producer[target]
+    for index in range(stop, -1, -1):
+      node = self.graph.nodes[index]
+      if not node.bounded or not any(o in lams for o in node.outputs):
+        continue
+      out_lams = [lams.pop(o, None) for o in node.outputs]
+      lin = self._linearize(index, node, relax)
+      if lin is None:
+        for o, lo in zip(node.outputs, out_lams):
+          if lo is not None:
+            box = self.env[o]
+            bias += _contract(jnp.maximum(lo, 0), box.lower) + _contract(jnp.minimum(lo, 0), box.upper)
+      elif isinstance(lin, Relaxation):
+        (lo,) = out_lams
+        pos, neg = jnp.maximum(lo, 0), jnp.minimum(lo, 0)
+        b = lin.bounds
+        bias += _contract(pos, b.lower_offset) + _contract(neg, b.upper_offset)
+        self._accumulate(lams, node.inputs[lin.index], pos * b.lower_slope + neg * b.upper_slope)
+      else:
+        bounded, offsets, pullback = lin
+        cotangents = [jnp.zeros((lam.shape[0],) + jnp.shape(off), lam.dtype) if lo is None else lo
+                      for lo, off in zip(out_lams, offsets)]
+        for lo, off in zip(out_lams, offsets):
+          if lo is not None:
+            bias += _contract(lo, off)
+        in_lams = jax.vmap(pullback)(cotangents)
+        for i, in_lam in zip(bounded, in_lams):
+          self._accumulate(lams, node.inputs[i], in_lam)
+    lam_x = lams.pop(self.input_id, None)
+    if lam_x is not None:
+      box = self.env[self.input_id]
+      bias += _contract(jnp.maximum(lam_x, 0), box.lower) + _contract(jnp.minimum(lam_x, 0), box.upper)
+    if lams:
+      raise RuntimeError(f"internal error: coefficients left on values {sorted(lams)}")
+    return bias
+
+  @staticmethod
+  def _accumulate(lams, key, lam):
+    lams[key] = lam if key not in lams else lams[key] + lam
+
+  # -- full CROWN intermediate bounds -------------------------------------------------------------
+
+  def crown_bounds_of(self, target: int, chunk_size: int | None) -> Box:
+    """CROWN bounds of every element of ``target`` (rows: +e_k for lower, -e_k for upper)."""
+    shape = self.env[target].shape
+    size = math.prod(shape)
+    dtype = self.env[target].dtype
+    rows = 2 * size
+    chunk = rows if chunk_size is None else max(1, min(chunk_size, rows))
+    num_chunks = -(-rows // chunk)
+
+    def run(start):
+      r = start + jnp.arange(chunk)
+      sign = jnp.where(r < size, 1, -1).astype(dtype)
+      valid = (r < rows).astype(dtype)
+      lam = jax.nn.one_hot(r % size, size, dtype=dtype) * (sign * valid)[:, None]
+      return self.backward(target, lam.reshape((chunk,) + shape))
+
+    if num_chunks == 1:
+      out = run(0)
+    else:
+      self.prepare(target)
+      out = lax.map(run, jnp.arange(num_chunks) * chunk).reshape(-1)
+    lower = out[:size].reshape(shape)
+    upper = -out[size:rows].reshape(shape)
+    return Box(lower, upper)

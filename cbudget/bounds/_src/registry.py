@@ -1,0 +1,216 @@
+"""Bound rules: what each primitive means to IBP and to the CROWN backward pass, and the registry.
+
+Every node of a traced function is bounded by a *rule*. A rule gives
+
+* ``ibp(args, params, evaluate)``: interval bounds of the node's outputs, where each arg is a
+  concrete array or a :class:`Box` (the bounded ones) and ``evaluate(*arrays)`` runs the node on
+  concrete arrays (a list of outputs);
+* ``linearize(args, params, evaluate, options)``: what the CROWN backward pass does at this node, one of
+
+  - :class:`Affine`: the node is affine in its bounded inputs (given the concrete ones): the backward
+    pass pushes linear coefficients through it with a vector-Jacobian product, exactly;
+  - :class:`Relaxation`: the node is an element-wise function of one bounded input ``z`` and
+    ``lower_slope * z + lower_offset <= y <= upper_slope * z + upper_offset`` on the input's bounds;
+  - ``None``: no linear relation is used; the backward pass takes the node's interval bounds as they
+    are (sound, loses the dependence on earlier nodes).
+
+The three public constructors :func:`affine_rule`, :func:`activation_rule` and :func:`interval_rule`
+cover the cases users meet; a custom object with the two methods works too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from cbudget.bounds._src.box import Box
+
+
+class UnsupportedPrimitiveError(NotImplementedError):
+  """A traced function uses an operation on a bounded value that no registered rule covers."""
+
+
+class LinearBounds(NamedTuple):
+  """Element-wise linear bounds ``lower_slope*z + lower_offset <= f(z) <= upper_slope*z + upper_offset``.
+
+  Every field broadcasts to the shape of ``z``. A relaxation must hold for every ``z`` in the box it
+  was computed for; that is all soundness asks.
+  """
+
+  lower_slope: jax.Array
+  lower_offset: jax.Array
+  upper_slope: jax.Array
+  upper_offset: jax.Array
+
+
+class Affine(NamedTuple):
+  """The node is affine in its bounded inputs; ``bounded`` are their positions among the args."""
+
+  bounded: tuple[int, ...]
+
+
+class Relaxation(NamedTuple):
+  """The node is element-wise in its bounded input number ``index``, relaxed by ``bounds``."""
+
+  index: int
+  bounds: LinearBounds
+
+
+def is_box(value) -> bool:
+  return isinstance(value, Box)
+
+
+def bounded_positions(args) -> tuple[int, ...]:
+  return tuple(i for i, a in enumerate(args) if is_box(a))
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineRule:
+  """A primitive that is affine in its bounded args, given the concrete ones.
+
+  ``ibp(*args, **params)`` returns a :class:`Box` (or a list of them for multi-output primitives).
+  ``affine_if(bounded_positions, params)`` says whether a given pattern of bounded args is affine
+  (``mul`` is affine only when one factor is concrete); when it is not, the backward pass uses the
+  node's interval bounds.
+  """
+
+  ibp_fn: Callable[..., Any]
+  affine_if: Callable[[tuple[int, ...], dict], bool] = lambda bounded, params: True
+  kind = "affine"
+
+  def ibp(self, args, params, evaluate):
+    return self.ibp_fn(*args, **params)
+
+  def linearize(self, args, params, evaluate, options):
+    bounded = bounded_positions(args)
+    return Affine(bounded) if self.affine_if(bounded, params) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationRule:
+  """An element-wise function of exactly one bounded arg (the other args are concrete).
+
+  ``ibp(lower, upper, op) -> (lo, hi)`` and ``relax(lower, upper, op) -> LinearBounds``, where ``op``
+  evaluates the function on a concrete array (with the node's concrete args and params bound), so a
+  rule can read a slope or threshold by evaluating it: e.g. leaky ReLU's slope is ``-op(-1)``.
+  Built-in rules may also accept the backward pass ``options`` (``relax(l, u, op, options)``) when
+  ``takes_options`` is set.
+  """
+
+  ibp_fn: Callable[..., Any]
+  relax_fn: Callable[..., LinearBounds] | None = None
+  takes_options: bool = False
+  kind = "activation"
+
+  def _single(self, args, params, evaluate):
+    bounded = bounded_positions(args)
+    if len(bounded) != 1:
+      raise UnsupportedPrimitiveError(
+          f"an activation rule needs exactly one bounded input, got {len(bounded)}")
+    index = bounded[0]
+
+    def op(z):
+      full = list(args)
+      full[index] = z
+      return evaluate(*full)[0]
+
+    return index, args[index], op
+
+  def ibp(self, args, params, evaluate):
+    _, box, op = self._single(args, params, evaluate)
+    lo, hi = self.ibp_fn(box.lower, box.upper, op)
+    return Box(lo, hi)
+
+  def linearize(self, args, params, evaluate, options):
+    if self.relax_fn is None:
+      return None
+    index, box, op = self._single(args, params, evaluate)
+    extra = (options,) if self.takes_options else ()
+    return Relaxation(index, LinearBounds(*self.relax_fn(box.lower, box.upper, op, *extra)))
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalRule:
+  """IBP only: the backward pass uses the node's interval bounds (sound, not tight)."""
+
+  ibp_fn: Callable[..., Any]
+  kind = "interval"
+
+  def ibp(self, args, params, evaluate):
+    return self.ibp_fn(*args, **params)
+
+  def linearize(self, args, params, evaluate, options):
+    return None
+
+
+def affine_rule(ibp, affine_if=None) -> AffineRule:
+  """A rule for an operation affine in its bounded inputs (see :class:`AffineRule`)."""
+  return AffineRule(ibp) if affine_if is None else AffineRule(ibp, affine_if)
+
+
+def activation_rule(ibp, relax=None) -> ActivationRule:
+  """A rule for an element-wise nonlinearity (see :class:`ActivationRule`).
+
+  Without ``relax`` the CROWN backward pass falls back to the interval bounds at this node.
+  """
+  return ActivationRule(ibp, relax)
+
+
+def interval_rule(ibp) -> IntervalRule:
+  """A rule that only gives interval bounds (see :class:`IntervalRule`)."""
+  return IntervalRule(ibp)
+
+
+def rule_key(key):
+  """Registry key of a primitive, a name, or a function (its ``__name__``).
+
+  Primitives are matched by identity. Names match named sub-computations in the trace: ``jit``
+  calls by their ``name`` (``jax.nn.leaky_relu`` traces to ``jit[name=leaky_relu]``) and
+  ``jax.custom_jvp`` / ``jax.custom_vjp`` functions by the name of the decorated function.
+  """
+  if isinstance(key, str):
+    return key
+  if isinstance(key, jax.extend.core.Primitive):
+    return key
+  name = getattr(key, "__name__", None)
+  if name is None:
+    raise TypeError(f"a rule key must be a jax Primitive, a name or a named function, got {key!r}")
+  return name
+
+
+class Registry:
+  """A table of bound rules keyed by primitive or by function name.
+
+  ``cbudget.bounds.DEFAULT_REGISTRY`` holds the built-in rules and is what ``ibp``/``crown`` use
+  unless given ``registry=``. Use :meth:`copy` for a private table that leaves the default alone.
+  """
+
+  def __init__(self, rules: dict | None = None):
+    self._rules = dict(rules or {})
+
+  def register(self, key, rule, *, override: bool = False):
+    k = rule_key(key)
+    if k in self._rules and not override:
+      raise ValueError(f"a bound rule for {_key_name(k)} is already registered; pass override=True "
+                       "to replace it")
+    self._rules[k] = rule
+    return rule
+
+  def get(self, key):
+    return self._rules.get(rule_key(key))
+
+  def __contains__(self, key):
+    return rule_key(key) in self._rules
+
+  def copy(self) -> "Registry":
+    return Registry(self._rules)
+
+  def keys(self) -> Sequence[Any]:
+    return list(self._rules)
+
+
+def _key_name(key) -> str:
+  return key if isinstance(key, str) else f"primitive '{key}'"

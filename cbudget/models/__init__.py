@@ -1,0 +1,1 @@
+"""Neural network models (classifiers and budget networks) for cbudget."""

@@ -1,0 +1,135 @@
+"""Budget generators: images ``[N, H, W, C]`` in [0, 1] -> raw log-budget maps.
+
+A generator outputs the *shape* of the budget as raw log-budgets, ``[N, H, W, 1]``
+(``per_pixel=True``: one budget per pixel, shared across channels) or
+``[N, H, W, C]`` (one per element).  The scale (``eps0``), the exact volume
+``mean log eps = log eps0`` and the range ``[a eps0, b eps0]`` are imposed
+afterwards by :func:`cbudget.budgets.budgets`, so any additive constant in the
+output is irrelevant.
+
+The 1x1 head is initialised with small weights (``head_init_scale`` times the
+LeCun-normal scale, zero bias) so that at init the raw maps are nearly
+constant and the projected budgets nearly uniform, while every parameter still
+receives a non-zero gradient (an all-zero head would block the gradient to the
+body on the first step).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["SmallGenerator", "UNetGenerator", "GENERATORS", "get_generator"]
+
+
+def _head_init(scale: float):
+    # Variance scales with scale**2, so the weight std is `scale` x LeCun normal.
+    return nn.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
+
+
+def _normalize(x: jax.Array, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> jax.Array:
+    """``(x - mean) / std`` per channel; identity for the missing parts."""
+    if mean is not None:
+        x = x - jnp.asarray(mean, x.dtype)
+    if std is not None:
+        x = x / jnp.asarray(std, x.dtype)
+    return x
+
+
+def _check_images(x: jax.Array) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"generators expect images [N, H, W, C], got shape {x.shape}")
+
+
+class SmallGenerator(nn.Module):
+    """MNIST-scale generator: 3x3 SAME convs with ReLU, then a 1x1 conv head.
+
+    Attributes:
+      per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
+      features: channels of the 3x3 conv layers.
+      head_init_scale: head weight std relative to LeCun normal (small: near-uniform init).
+      input_mean, input_std: optional per-channel normalisation of the [0, 1] input.
+    """
+
+    per_pixel: bool = True
+    features: Tuple[int, ...] = (16, 32, 32)
+    head_init_scale: float = 1e-2
+    input_mean: Optional[Tuple[float, ...]] = None
+    input_std: Optional[Tuple[float, ...]] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_images(x)
+        out_ch = 1 if self.per_pixel else x.shape[-1]
+        h = _normalize(x, self.input_mean, self.input_std)
+        for i, f in enumerate(self.features):
+            h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
+        return nn.Conv(
+            out_ch,
+            (1, 1),
+            kernel_init=_head_init(self.head_init_scale),
+            bias_init=nn.initializers.zeros_init(),
+            name="head",
+        )(h)
+
+
+class UNetGenerator(nn.Module):
+    """CIFAR-scale encoder-decoder: one downsample, one upsample, one skip.
+
+    ``enc``: two 3x3 convs at full resolution (the skip); ``mid``: a stride-2 3x3
+    conv and a 3x3 conv at half resolution; ``dec``: bilinear upsampling back to
+    the skip's exact size (odd sizes work), concatenation with the skip, two 3x3
+    convs and the small-initialised 1x1 head.  ReLU throughout.
+
+    Attributes:
+      per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
+      width: channels at full resolution (``2 * width`` at half resolution).
+      head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
+    """
+
+    per_pixel: bool = True
+    width: int = 32
+    head_init_scale: float = 1e-2
+    input_mean: Optional[Tuple[float, ...]] = None
+    input_std: Optional[Tuple[float, ...]] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_images(x)
+        out_ch = 1 if self.per_pixel else x.shape[-1]
+        w = self.width
+        h = _normalize(x, self.input_mean, self.input_std)
+        h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc0")(h))
+        skip = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc1")(h))
+        h = nn.relu(nn.Conv(2 * w, (3, 3), strides=(2, 2), padding="SAME", name="down")(skip))
+        h = nn.relu(nn.Conv(2 * w, (3, 3), padding="SAME", name="mid")(h))
+        h = jax.image.resize(h, skip.shape[:-1] + (h.shape[-1],), method="bilinear")
+        h = jnp.concatenate([h, skip], axis=-1)
+        h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec0")(h))
+        h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec1")(h))
+        return nn.Conv(
+            out_ch,
+            (1, 1),
+            kernel_init=_head_init(self.head_init_scale),
+            bias_init=nn.initializers.zeros_init(),
+            name="head",
+        )(h)
+
+
+GENERATORS = {"small": SmallGenerator, "unet": UNetGenerator}
+
+
+def get_generator(name: str, per_pixel: bool = True, **kwargs) -> nn.Module:
+    """Generator by name ('small' or 'unet'); ``kwargs`` go to the module.
+
+    Raises:
+      ValueError: unknown name (the message lists the valid names).
+    """
+    try:
+        cls = GENERATORS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown generator {name!r}; valid names: {', '.join(sorted(GENERATORS))}") from None
+    return cls(per_pixel=per_pixel, **kwargs)

@@ -1,0 +1,1 @@
+"""Launch scripts (training, evaluation, visualisation) for cbudget."""

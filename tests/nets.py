@@ -1,0 +1,87 @@
+"""Small random networks for the bound tests: every supported layer kind, seeded."""
+
+from __future__ import annotations
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.1),
+    "hard_tanh": jax.nn.hard_tanh,
+    "abs": jnp.abs,
+    "sigmoid": nn.sigmoid,
+    "tanh": jnp.tanh,
+    "clip": lambda x: jnp.clip(x, -0.5, 0.7),
+}
+
+
+class RandomNet(nn.Module):
+  """An MLP, a CNN or a residual CNN with normalisation, BatchNorm and one activation kind."""
+
+  kind: str
+  activation: str
+  depth: int = 2
+  width: int = 4
+  batch_norm: bool = False
+  stride: int = 1
+  padding: str = "SAME"
+  outputs: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    act = ACTIVATIONS[self.activation]
+    x = (x - 0.4) / 0.3
+    if self.kind == "mlp":
+      x = x.reshape(x.shape[0], -1)
+      for _ in range(self.depth):
+        x = nn.Dense(self.width)(x)
+        if self.batch_norm:
+          x = nn.BatchNorm(use_running_average=True)(x)
+        x = act(x)
+    else:
+      x = nn.Conv(self.width, (3, 3), strides=self.stride, padding=self.padding)(x)
+      x = act(x)
+      for _ in range(self.depth - 1):
+        y = nn.Conv(self.width, (3, 3), padding="SAME")(x)
+        if self.batch_norm:
+          y = nn.BatchNorm(use_running_average=True)(y)
+        y = act(y)
+        x = x + y if self.kind == "residual" else y
+      x = nn.avg_pool(x, (2, 2), (1, 1))
+      x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.outputs)(x)
+
+
+def init_net(net, x, seed, scale=1.0):
+  """Random params (Gaussian, scaled) and random BatchNorm statistics."""
+  variables = net.init(jax.random.key(seed), x)
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  new = []
+  for k, (path, leaf) in zip(keys, jax.tree_util.tree_flatten_with_path(variables)[0]):
+    name = jax.tree_util.keystr(path)
+    if "var" in name:
+      new.append(jax.random.uniform(k, leaf.shape, leaf.dtype, 0.5, 2.0))
+    elif "mean" in name:
+      new.append(0.3 * jax.random.normal(k, leaf.shape, leaf.dtype))
+    else:
+      new.append(scale * jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(max(1, leaf.shape[0])))
+  return jax.tree.unflatten(tree, new)
+
+
+def sample_box_points(box, key, num):
+  """Uniform samples inside the box, plus every corner when the input has at most 10 elements."""
+  lower, upper = np.asarray(box.lower), np.asarray(box.upper)
+  pts = jax.random.uniform(key, (num,) + lower.shape, dtype=lower.dtype)
+  pts = lower + pts * (upper - lower)
+  per_example = lower[0].size
+  if per_example <= 10:
+    corners = np.array(list(itertools.product([0.0, 1.0], repeat=per_example)), lower.dtype)
+    corners = corners.reshape((-1, 1) + lower.shape[1:])
+    pts = np.concatenate([pts, lower + corners * (upper - lower)], 0)
+  return pts
