@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import pickle
+import pickletools
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +42,8 @@ def write_file(path: Path, payload: bytes) -> Path:
     return path
 
 
-def write_mnist(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, gz: bool = True) -> tuple[Path, Path]:
+def write_mnist(folder: Path, split: str, images: np.ndarray, labels: np.ndarray,
+                gz: bool = True) -> tuple[Path, Path]:
     suffix = ".gz" if gz else ""
     image_stem, label_stem = _readers.MNIST_FILES[split]
     return (write_file(folder / (image_stem + suffix), idx_bytes(images)),
@@ -66,7 +68,7 @@ def random_cifar_rows(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.integers(0, 256, (n, 3072), dtype=np.uint8), rng.integers(0, 10, n)
 
 
-def write_cifar(folder: Path, per_batch: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def write_cifar(folder: Path, per_batch: int = 3, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Writes all six batch files; returns (train rows, train labels, test rows, test labels)."""
     parts = []
     for i, name in enumerate(_readers.CIFAR_FILES["train"] + _readers.CIFAR_FILES["test"]):
@@ -174,7 +176,8 @@ def test_mnist_label_out_of_range(tmp_path):
     images, labels = random_mnist(3, seed=0)
     labels[1] = 10
     write_mnist(tmp_path, "test", images, labels)
-    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: label 10 at index 1 is out of range 0\.\.9"):
+    with pytest.raises(DataError, match=r"t10k-labels-idx1-ubyte\.gz: label 10 at index 1 is out of "
+                                        r"range 0\.\.9"):
         data.load("mnist", "test", tmp_path)
 
 
@@ -281,17 +284,50 @@ def test_cifar_pickle_with_disallowed_class_is_refused(tmp_path):
 
 def test_codecs_encode_only_allows_latin1(tmp_path):
     # Protocol-2 pickles from Python 3 store bytes as _codecs.encode(str, "latin1"); other codecs are refused.
-    evil = b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcq\x01X\x06\x00\x00\x00base64q\x02\x86q\x03Rq\x04."
+    # encode("abc", "base64"), written out by hand: GLOBAL _codecs.encode, two BINUNICODE args, REDUCE.
+    evil = (b"\x80\x02c_codecs\nencode\nX\x03\x00\x00\x00abcX\x06\x00\x00\x00base64\x86R.")
     with pytest.raises(DataError, match="f: cannot unpickle .*only allowed as encode"):
         _readers.unpickle_restricted(evil, "f")
     assert _readers.unpickle_restricted(pickle.dumps(b"\xff\x00", protocol=2), "f") == b"\xff\x00"
+
+
+def test_corrupt_dtype_state_is_an_error_not_a_crash(tmp_path):
+    # Regression (found by fuzzing): turning the opcode after the dtype's byte order '|' into BININT, which
+    # swallows the next 4 bytes, gave a state tuple that crashed numpy's dtype.__setstate__ (segfault).
+    valid = cifar_batch_bytes(*random_cifar_rows(2, 0))
+    ops = list(pickletools.genops(valid))
+    where = next(ops[i + 1][2] for i, (_, arg, _) in enumerate(ops) if arg == "|")
+    corrupt = valid[:where] + b"J" + valid[where + 1:]
+    write_file(tmp_path / "test_batch", corrupt)
+    with pytest.raises(DataError, match="test_batch: cannot unpickle .*dtype state"):
+        data.load("cifar10", "test", tmp_path)
+
+
+def test_protocol5_bytearray_is_refused():
+    # BYTEARRAY8 with a huge length would make the C unpickler allocate it before reading; the opcode scan
+    # stops at the length check (only 1 byte follows) or, for a well-formed one, at the opcode itself.
+    bomb = b"\x80\x05\x96" + (2**40).to_bytes(8, "little") + b"."
+    with pytest.raises(DataError, match="data_batch_1: cannot unpickle .*1099511627776 bytes"):
+        _readers.unpickle_restricted(bomb, "data_batch_1")
+    with pytest.raises(DataError, match="data_batch_1: the pickle uses opcode BYTEARRAY8"):
+        _readers.unpickle_restricted(pickle.dumps(bytearray(b"ab"), protocol=5), "data_batch_1")
+
+
+def test_numpy_pickles_of_other_layouts_still_load():
+    # Fortran order, a big-endian float dtype and a 0-d array all rebuild exactly through the stubs.
+    for array in [np.asfortranarray(np.arange(6, dtype=np.uint8).reshape(2, 3)), np.arange(3, dtype=">f8"),
+                  np.array(5, np.int32)]:
+        for protocol in (2, 4):
+            out = _readers.unpickle_restricted(pickle.dumps({b"a": [array]}, protocol=protocol), "f")[b"a"][0]
+            assert out.dtype == array.dtype and out.shape == array.shape
+            np.testing.assert_array_equal(out, array)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # fuzzing: the readers of untrusted bytes raise DataError or return valid data, nothing else
 # ----------------------------------------------------------------------------------------------------------
 
-_FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+_FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -374,7 +410,8 @@ def test_public_constants():
     (dict(name="imagenet", split="train"), "unknown dataset 'imagenet'"),
     (dict(name="shapes", split="validation"), "unknown split 'validation'"),
     (dict(name="shapes", split="train", num_examples=0), "num_examples must be a positive int"),
-    (dict(name="shapes", split="train", num_examples=4001), "num_examples=4001 but shapes train has only 4000"),
+    (dict(name="shapes", split="train", num_examples=4001),
+     "num_examples=4001 but shapes train has only 4000"),
     (dict(name="shapes", split="train", seed=-1), "seed must be a non-negative int"),
 ])
 def test_load_argument_errors(kwargs, message):
@@ -640,8 +677,8 @@ def test_batches_epochs_and_seeds_differ():
 
 
 @settings(max_examples=60, deadline=None)
-@given(n=st.integers(1, 40), batch_size=st.integers(1, 12), seed=st.integers(0, 2**32), epoch=st.integers(0, 5),
-       drop_remainder=st.booleans())
+@given(n=st.integers(1, 40), batch_size=st.integers(1, 12), seed=st.integers(0, 2**32),
+       epoch=st.integers(0, 5), drop_remainder=st.booleans())
 def test_batches_cover_each_example_once(n, batch_size, seed, epoch, drop_remainder):
     ds = indexed_dataset(n, size=1)
     if drop_remainder and batch_size > n:

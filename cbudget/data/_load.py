@@ -65,8 +65,8 @@ def _load_real(name: str, split: str, data_dir: str | os.PathLike | None, limit:
     else:
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():
-            raise DataError(f"data_dir {folder} does not exist or is not a folder; pass --data_dir pointing at "
-                            f"a folder with the standard {name} files")
+            raise DataError(f"data_dir {folder} does not exist or is not a folder; pass --data_dir "
+                            f"pointing at a folder with the standard {name} files")
         if name == "cifar10":
             images, labels = _readers.read_cifar10(folder, split, limit=limit)
         else:

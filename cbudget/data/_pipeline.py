@@ -63,7 +63,8 @@ def _iterate(dataset: Dataset, batch_size: int, seed: int, epoch: int, shuffle: 
         images = dataset.images[index]
         masks = None if dataset.masks is None else dataset.masks[index]
         if augment:
-            images, masks = random_crop_flip(images, masks, np.random.default_rng((seed, epoch, b, _AUGMENT_STREAM)))
+            rng = np.random.default_rng((seed, epoch, b, _AUGMENT_STREAM))
+            images, masks = random_crop_flip(images, masks, rng)
         batch = {"image": images, "label": dataset.labels[index].astype(np.int32)}
         if masks is not None:
             batch["mask"] = masks
@@ -109,4 +110,5 @@ def _check_batch_size(dataset: Dataset, batch_size: int, drop_remainder: bool) -
         raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
     if drop_remainder and batch_size > n:
         raise DataError(f"batch_size={batch_size} exceeds the {n} examples of {dataset.name}, so with "
-                        "drop_remainder=True there would be no batch; lower --batch_size or use more examples")
+                        "drop_remainder=True there would be no batch; lower --batch_size or use more "
+                        "examples")

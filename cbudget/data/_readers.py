@@ -78,7 +78,8 @@ def parse_idx(data: bytes, filename: str, expected_magic: int, description: str)
     ndim = data[3]
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
-        raise DataError(f"{filename}: truncated IDX header ({len(data)} of {header_len} bytes); re-download it")
+        raise DataError(f"{filename}: truncated IDX header ({len(data)} of {header_len} bytes); "
+                        "re-download it")
     dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
     payload_len = len(data) - header_len
     expected_len = math.prod(dims)
@@ -108,8 +109,8 @@ def read_mnist_labels(path: Path, num_classes: int = 10) -> np.ndarray:
     labels = parse_idx(read_file_bytes(path), path.name, IDX_LABELS_MAGIC, "MNIST label")
     if labels.size and labels.max() >= num_classes:
         bad = int(np.argmax(labels >= num_classes))
-        raise DataError(f"{path.name}: label {labels[bad]} at index {bad} is out of range 0..{num_classes - 1}; "
-                        "is this an MNIST label file?")
+        raise DataError(f"{path.name}: label {labels[bad]} at index {bad} is out of range "
+                        f"0..{num_classes - 1}; is this an MNIST label file?")
     return labels
 
 
@@ -171,7 +172,7 @@ class _DtypeStub:
     pieces, so no untrusted value reaches numpy's C-level unpickling code.
     """
 
-    _CODES = frozenset("b1 i1 u1 i2 u2 i4 u4 i8 u8 f2 f4 f8".split())
+    _CODES = frozenset("i1 u1 i2 u2 i4 u4 i8 u8 f2 f4 f8".split())  # no bool: arbitrary bytes are invalid bools
     dtype: np.dtype | None = None  # stays None for an instance made without __init__ (NEWOBJ)
 
     def __init__(self, code: object, align: object = False, copy: object = True):
@@ -181,7 +182,8 @@ class _DtypeStub:
         self.dtype = np.dtype(code)
 
     def __setstate__(self, state: object) -> None:
-        # numpy's layout: (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata]).
+        # numpy's layout: (version, byte order, subarray, names, fields, elsize, alignment, flags
+        # [, metadata]).
         order = state[1] if isinstance(state, tuple) and len(state) in (8, 9) else None
         order = order.decode("latin1") if isinstance(order, bytes) else order
         if order not in ("<", ">", "|", "=") or any(x is not None for x in state[2:5]) or self.dtype is None:
@@ -217,7 +219,8 @@ class _ArrayStub:
         if not (isinstance(dtype, _DtypeStub) and dtype.dtype is not None):
             raise pickle.UnpicklingError("ndarray dtype is not a plain numeric dtype")
         if not isinstance(raw, bytes) or len(raw) != math.prod(shape) * dtype.dtype.itemsize:
-            raise pickle.UnpicklingError(f"ndarray data is not {math.prod(shape) * dtype.dtype.itemsize} bytes")
+            expected = math.prod(shape) * dtype.dtype.itemsize
+            raise pickle.UnpicklingError(f"ndarray data is not {expected} bytes")
         self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order="F" if fortran else "C")
 
 
@@ -265,7 +268,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     """
 
     def __init__(self, file: io.BufferedIOBase, filename: str):
-        # encoding="bytes": the CIFAR files are Python 2 pickles whose str objects (dict keys) are byte strings.
+        # encoding="bytes": the CIFAR files are Python 2 pickles whose str objects (dict keys) are byte
+        # strings.
         super().__init__(file, encoding="bytes")
         self._filename = filename
 
@@ -293,8 +297,9 @@ def unpickle_restricted(data: bytes, filename: str) -> object:
     try:
         for opcode, _, position in pickletools.genops(data):
             if opcode.name in _REFUSED_OPCODES:
-                raise DataError(f"{filename}: the pickle uses opcode {opcode.name} at byte {position}, which is "
-                                "not allowed in data files; is this an uncorrupted CIFAR-10 python batch file?")
+                raise DataError(f"{filename}: the pickle uses opcode {opcode.name} at byte {position}, which "
+                                "is not allowed in data files; is this an uncorrupted CIFAR-10 python batch "
+                                "file?")
         return _materialize(_RestrictedUnpickler(io.BytesIO(data), filename).load())
     except DataError:
         raise
@@ -311,7 +316,8 @@ def parse_cifar10_batch(obj: object, filename: str) -> tuple[np.ndarray, np.ndar
     data, labels = _get_key(obj, "data", filename), _get_key(obj, "labels", filename)
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
             and data.shape[1] == CIFAR_ROW_LEN):
-        got = f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        got = (f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray)
+               else type(data).__name__)
         raise DataError(f"{filename}: b'data' must be a uint8 array [n, {CIFAR_ROW_LEN}], got {got}; "
                         "is this a CIFAR-10 (not CIFAR-100 or binary-version) file?")
     try:
@@ -404,10 +410,10 @@ def read_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
         records = source.__getitems__(range(len(source)))
         images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
         labels = np.asarray([int(r["label"]) for r in records], np.int64)
-    except Exception as e:  # noqa: BLE001 -- tfds failures span import, network, filesystem and format errors.
+    except Exception as e:  # noqa: BLE001 -- failures span import, network, filesystem and format errors.
         raise DataError(f"cannot load {name} {split} through tensorflow-datasets ({type(e).__name__}: "
-                        f"{_first_line(e)[:200]}); pass --data_dir pointing at a folder with the standard raw "
-                        f"files ({_RAW_FILES_HINT[name]})") from e
+                        f"{_first_line(e)[:200]}); pass --data_dir pointing at a folder with the standard "
+                        f"raw files ({_RAW_FILES_HINT[name]})") from e
     return images, labels
 
 

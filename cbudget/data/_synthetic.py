@@ -154,7 +154,8 @@ def _paste_canvas(images: np.ndarray, masks: np.ndarray, rng: np.random.Generato
     # Uniform draws consume the stream one value at a time in C order, so a fresh generator's first m
     # canvases of noise are the same whatever m is; this avoids drawing noise for unrendered examples.
     noise_rng = np.random.default_rng(rng.integers(0, 2**63))
-    canvas = noise_rng.random((m, canvas_size, canvas_size, c), dtype=np.float32) * np.float32(_CANVAS_NOISE_MAX)
+    canvas = noise_rng.random((m, canvas_size, canvas_size, c), dtype=np.float32)
+    canvas *= np.float32(_CANVAS_NOISE_MAX)
 
     for j in range(k):
         crops = _crop(images, sources[j], src_rows[j], src_cols[j], crop_h, crop_w)

@@ -21,8 +21,8 @@ class Dataset(NamedTuple):
     Attributes:
         images: float32 [N, H, W, C], values in [0, 1].
         labels: int32 [N], values in [0, num_classes).
-        masks: float32 [N, H, W, 1] with 1 on label-relevant pixels and 0 on label-irrelevant ones, or None when
-            the dataset does not know which pixels matter (plain MNIST / CIFAR-10).
+        masks: float32 [N, H, W, 1] with 1 on label-relevant pixels and 0 on label-irrelevant ones, or
+            None when the dataset does not know which pixels matter (plain MNIST / CIFAR-10).
         num_classes: number of classes.
         name: the dataset name, one of `DATASETS` for datasets made by `load`.
     """
@@ -49,7 +49,8 @@ def validate(dataset: Dataset) -> Dataset:
                                         f"{_describe(images)}; convert with images.astype(np.float32)")
     n = images.shape[0]
     if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.shape != (n,):
-        raise DataError(f"{name}: labels must be an int32 array [{n}] matching the images, got {_describe(labels)}")
+        raise DataError(f"{name}: labels must be an int32 array [{n}] matching the images, got "
+                        f"{_describe(labels)}")
     if not isinstance(dataset.num_classes, (int, np.integer)) or dataset.num_classes < 1:
         raise DataError(f"{name}: num_classes must be a positive int, got {dataset.num_classes!r}")
     if n and images.size:
@@ -64,7 +65,8 @@ def validate(dataset: Dataset) -> Dataset:
     if masks is not None:
         expected = images.shape[:3] + (1,)
         if not isinstance(masks, np.ndarray) or masks.dtype != np.float32 or masks.shape != expected:
-            raise DataError(f"{name}: masks must be a float32 array {list(expected)} or None, got {_describe(masks)}")
+            raise DataError(f"{name}: masks must be a float32 array {list(expected)} or None, got "
+                            f"{_describe(masks)}")
         if masks.size:
             lo, hi = masks.min(), masks.max()
             if not (0.0 <= lo and hi <= 1.0):

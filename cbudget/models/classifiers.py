@@ -12,7 +12,8 @@ The models are written with plain ``nn.Dense``, ``nn.Conv``, ``nn.relu``,
 
 Every model has the signature ``__call__(self, x, train: bool = False)``;
 BN-free models ignore ``train``.  BatchNorm models use
-``nn.BatchNorm(use_running_average=not train, momentum=0.9)``, so in inference
+``nn.BatchNorm(use_running_average=not train, momentum=bn_momentum)`` (0.9 by default; certified
+training applies a clone with ``bn_momentum=0`` to read the current batch's statistics), so in inference
 mode each example's output is independent of the rest of the batch, and in
 training mode they must be applied with ``mutable=['batch_stats']``.
 
@@ -152,10 +153,11 @@ class CNN7(nn.Module):
     dense_width: int = 512
     mean: Sequence[float] = (0.0,)
     std: Sequence[float] = (1.0,)
+    bn_momentum: float = 0.9
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)
         h = _normalize(x, self.mean, self.std)
         for features, kernel, stride in self.widths:
             h = nn.Conv(
@@ -179,10 +181,11 @@ class ResidualBlock(nn.Module):
 
     features: int
     stride: int = 1
+    bn_momentum: float = 0.9
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+        bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)
         s = (self.stride, self.stride)
         h = nn.Conv(self.features, (3, 3), strides=s, padding="SAME")(x)
         h = nn.relu(bn()(h))
@@ -209,15 +212,16 @@ class ResNet(nn.Module):
     head_width: int = 100
     mean: Sequence[float] = (0.0,)
     std: Sequence[float] = (1.0,)
+    bn_momentum: float = 0.9
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         h = _normalize(x, self.mean, self.std)
         h = nn.Conv(self.stem_features, (3, 3), padding="SAME")(h)
-        h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+        h = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(h)
         h = nn.relu(h)
         for features, stride in self.blocks:
-            h = ResidualBlock(features, stride)(h, train=train)
+            h = ResidualBlock(features, stride, self.bn_momentum)(h, train=train)
         h = _flatten(h)
         h = nn.relu(nn.Dense(self.head_width)(h))
         return nn.Dense(self.num_classes)(h)
