@@ -172,7 +172,8 @@ class _DtypeStub:
     pieces, so no untrusted value reaches numpy's C-level unpickling code.
     """
 
-    _CODES = frozenset("i1 u1 i2 u2 i4 u4 i8 u8 f2 f4 f8".split())  # no bool: arbitrary bytes are invalid bools
+    # No bool: arbitrary payload bytes would make invalid bools.
+    _CODES = frozenset("i1 u1 i2 u2 i4 u4 i8 u8 f2 f4 f8".split())
     dtype: np.dtype | None = None  # stays None for an instance made without __init__ (NEWOBJ)
 
     def __init__(self, code: object, align: object = False, copy: object = True):

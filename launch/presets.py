@@ -1,0 +1,56 @@
+"""Named settings for the paper's comparisons: uniform vs global vs contextual at the same volume.
+
+Each preset has a CPU schedule (what the README's results table ran) and the paper-scale schedule
+(``--schedule=paper``, for a GPU/TPU). Flags given on the command line override a preset.
+"""
+
+_MODES = ("uniform", "global", "contextual")
+
+_BASE = {
+    "mnist": dict(dataset="mnist", model="dm_small", generator="small", budget_range="0.25,4",
+                  method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
+                  kappa_end=0.0),
+    "cifar": dict(dataset="cifar10", model="dm_small", generator="unet", budget_range="0.25,4",
+                  method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
+                  kappa_end=0.0),
+    "mnist_canvas": dict(dataset="mnist_canvas", model="dm_small", generator="small",
+                         budget_range="0.1,10", method="ibp", batch_size=100, eps=0.2,
+                         warmup_fraction=0.05, ramp_fraction=0.5, kappa_end=0.0),
+    "cifar_canvas": dict(dataset="cifar_canvas", model="dm_small", generator="unet",
+                         budget_range="0.1,10", method="ibp", batch_size=100, eps=4 / 255,
+                         warmup_fraction=0.05, ramp_fraction=0.5, kappa_end=0.0),
+}
+
+# (cpu, paper) schedules.
+_SCHEDULES = {
+    "mnist": (dict(epochs=3), dict(epochs=100, model="dm_large", method="crown-ibp",
+                                   ramp_fraction=0.5)),
+    "cifar": (dict(epochs=3), dict(epochs=160, model="cnn7", method="ibp", augment=True,
+                                   batch_size=128)),
+    "mnist_canvas": (dict(epochs=3), dict(epochs=60, model="dm_large")),
+    "cifar_canvas": (dict(epochs=3), dict(epochs=100, model="cnn7")),
+}
+
+PRESETS = {}
+for _family, _base in _BASE.items():
+  _epsilons = {"mnist": (0.3, 0.4), "cifar": (8 / 255, 16 / 255)}.get(_family, (None,))
+  for _eps in _epsilons:
+    for _mode in _MODES:
+      _name = f"{_family}_{_mode}" + ("" if _eps is None else f"_{_eps:.4g}")
+      _values = dict(_base, budget=_mode)
+      if _eps is not None:
+        _values["eps"] = _eps
+      PRESETS[_name] = _values
+
+DEMO = dict(dataset="shapes", model="dm_small", budget="contextual")
+
+
+def preset_values(name: str, schedule: str = "cpu") -> dict:
+  """Flag values of a preset (``""`` or ``"demo"``: the demo defaults)."""
+  if name in ("", "demo"):
+    return dict(DEMO)
+  if name not in PRESETS:
+    raise ValueError(f"unknown --preset={name!r}; choose one of {sorted(PRESETS)} or 'demo'")
+  family = next(f for f in sorted(_SCHEDULES, key=len, reverse=True) if name.startswith(f + "_"))
+  cpu, paper = _SCHEDULES[family]
+  return {**PRESETS[name], **(cpu if schedule == "cpu" else paper)}

@@ -1,0 +1,99 @@
+r"""Train a classifier (and its budget generator) with certified training.
+
+  python -m launch.train --workdir workdir/demo                      # the embedded demo
+  python -m launch.train --preset mnist_contextual_0.3 --data_dir ../shared/data --workdir w/mnist
+
+Running the same command again resumes from the last checkpoint in --workdir.
+"""
+
+import dataclasses
+import logging
+import sys
+
+from absl import app, flags
+
+from cbudget import data
+from cbudget.budgets import BUDGET_MODES, BudgetRangeError
+from cbudget.models.classifiers import CLASSIFIERS
+from cbudget.models.generators import GENERATORS
+from cbudget.objective import TRAIN_METHODS
+from launch import presets
+from launch.common import parse_range, run_main, setup_devices
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go.", required=True)
+flags.DEFINE_string("preset", "demo", "Named settings (see launch/presets.py); flags override them.")
+flags.DEFINE_enum("schedule", "cpu", ["cpu", "paper"], "Preset schedule: reduced CPU or the paper's.")
+flags.DEFINE_enum("dataset", "shapes", list(data.DATASETS), "Dataset name.")
+flags.DEFINE_string("data_dir", None, "Folder of the standard raw files (offline); else TFDS.")
+flags.DEFINE_enum("model", "dm_small", list(CLASSIFIERS), "Classifier architecture.")
+flags.DEFINE_enum("generator", "small", list(GENERATORS), "Budget generator (contextual mode).")
+flags.DEFINE_enum("budget", "contextual", list(BUDGET_MODES), "Budget mode.")
+flags.DEFINE_bool("per_pixel", True, "One budget per pixel (shared across channels).")
+flags.DEFINE_float("eps", 0.1, "Target ε₀: budgets have the volume of a uniform ε₀.")
+flags.DEFINE_string("budget_range", "0.25,4", "a,b: every budget within [a·ε₀, b·ε₀], a ≤ 1 ≤ b.")
+flags.DEFINE_enum("method", "ibp", list(TRAIN_METHODS), "Bound method for the certified loss.")
+flags.DEFINE_integer("epochs", 10, "Training epochs.")
+flags.DEFINE_integer("steps", None, "Training steps (overrides --epochs).")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("seed", 0, "Random seed (init, data order, augmentation).")
+flags.DEFINE_float("lr", 1e-3, "Classifier learning rate (Adam).")
+flags.DEFINE_float("generator_lr", 1e-3, "Budget generator learning rate (Adam).")
+flags.DEFINE_float("grad_clip", 10.0, "Gradient global-norm clipping.")
+flags.DEFINE_float("warmup_fraction", 0.1, "Share of steps with ε₀ = 0 (clean training).")
+flags.DEFINE_float("ramp_fraction", 0.5, "Share of steps over which ε₀ grows to --eps.")
+flags.DEFINE_enum("eps_schedule", "smooth", ["linear", "smooth"], "Shape of the ε₀ ramp.")
+flags.DEFINE_float("kappa_end", 0.0, "Final weight of the clean loss (κ goes 1 → kappa_end).")
+flags.DEFINE_bool("augment", None, "Random crop + flip (default: on for CIFAR data).")
+flags.DEFINE_integer("num_train_examples", None, "Use only the first N training examples.")
+flags.DEFINE_integer("log_every", 50, "Log and write metrics every N steps.")
+flags.DEFINE_integer("checkpoint_every", 200, "Checkpoint every N steps.")
+flags.DEFINE_bool("skip_nonfinite", False, "Skip a step with NaN/Inf loss instead of stopping.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+
+flags.register_validator("eps", lambda v: v > 0, "--eps must be > 0")
+flags.register_validator("batch_size", lambda v: v > 0, "--batch_size must be > 0")
+flags.register_validator("epochs", lambda v: v > 0, "--epochs must be > 0")
+flags.register_validator("steps", lambda v: v is None or v > 0, "--steps must be > 0")
+flags.register_validator("budget_range", lambda v: _range_ok(v),
+                         "--budget_range must be 'a,b' with 0 < a <= 1 <= b (e.g. 0.25,4)")
+flags.register_validator("warmup_fraction", lambda v: 0 <= v < 1, "--warmup_fraction in [0, 1)")
+flags.register_validator("ramp_fraction", lambda v: 0 <= v <= 1, "--ramp_fraction in [0, 1]")
+
+
+def _range_ok(value):
+  try:
+    a, b = parse_range(value)
+  except ValueError:
+    return False
+  return 0 < a <= 1 <= b
+
+
+def config_from_flags():
+  from cbudget.train import TrainConfig
+  values = presets.preset_values(FLAGS.preset, FLAGS.schedule)
+  names = {f.name for f in dataclasses.fields(TrainConfig)}
+  for name in names:
+    if name in FLAGS and (FLAGS[name].present or name not in values):
+      values[name] = FLAGS[name].value
+  values["budget_range"] = parse_range(values["budget_range"]) if isinstance(
+      values["budget_range"], str) else tuple(values["budget_range"])
+  return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def main(argv):
+  del argv
+  from cbudget.train import train
+  setup_devices(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  config = config_from_flags()
+  logging.getLogger("cbudget").info("config: %s", config)
+  result = train(config)
+  print(f"trained to step {result['step']}: clean error {result.get('clean_error', float('nan')):.3f}, "
+        f"certified error (batch, {config.method}) {result.get('certified_error', float('nan')):.3f}"
+        + ("  [interrupted: run the same command to resume]" if result["interrupted"] else ""))
+
+
+if __name__ == "__main__":
+  run_main(main)
