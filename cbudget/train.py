@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -38,10 +39,10 @@ class TrainConfig:
   generator: str = "small"
   budget: str = "contextual"
   per_pixel: bool = True
-  eps: float = 0.1
+  eps: float = 0.2
   budget_range: tuple[float, float] = (0.25, 4.0)
   method: str = "ibp"
-  epochs: int = 10
+  epochs: int = 20
   steps: int | None = None            # overrides epochs when set
   batch_size: int = 64
   seed: int = 0
@@ -184,7 +185,7 @@ def make_train_step(setup: Setup, config: TrainConfig):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, image, label,
                                                   state.step)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -203,27 +204,26 @@ class NonFiniteError(FloatingPointError):
   """Training produced a NaN/Inf loss or gradient."""
 
 
-def load_datasets(config: TrainConfig):
-  train_set = data.load(config.dataset, "train", config.data_dir, seed=config.seed,
-                        num_examples=config.num_train_examples)
-  test_set = data.load(config.dataset, "test", config.data_dir, seed=config.seed)
-  return train_set, test_set
 
 
 def _augment(config: TrainConfig) -> bool:
   return config.augment if config.augment is not None else config.dataset.startswith("cifar")
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
   """Train (or resume) and return the final metrics. Writes to ``config.workdir``:
 
   ``config.json``, ``checkpoints/`` (orbax, atomic), ``metrics.jsonl`` (one JSON object per logged
   step, with ``step``), and TensorBoard summaries in ``tb/``.
+
+  ``until_step`` stops early, with a checkpoint, as an interruption would (for time-limited jobs);
+  the schedules still follow the full run, so the same call without it resumes exactly.
   """
   validate(config)
   os.makedirs(config.workdir, exist_ok=True)
   checkpoints.check_or_write_config(config.workdir, dataclasses.asdict(config), TrainConfig.IDENTITY)
-  train_set, _ = load_datasets(config)
+  train_set = data.load(config.dataset, "train", config.data_dir, seed=config.seed,
+                        num_examples=config.num_train_examples)
   if config.batch_size > len(train_set.labels):
     raise ValueError(f"--batch_size={config.batch_size} is larger than the training set "
                      f"({len(train_set.labels)} examples); use a smaller batch")
@@ -247,11 +247,15 @@ def train(config: TrainConfig) -> dict:
   def on_signal(signum, frame):
     stop["signal"] = signum
 
-  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  # Signal handlers can only be installed from the main thread (else train() runs without them).
+  in_main = threading.current_thread() is threading.main_thread()
+  previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+              if in_main else {})
+  end = setup.total_steps if until_step is None else min(until_step, setup.total_steps)
   last, t0, t_epoch = {}, time.time(), time.time()
   try:
     step = start
-    while step < setup.total_steps and stop["signal"] is None:
+    while step < end and stop["signal"] is None:
       epoch, first = divmod(step, setup.steps_per_epoch)
       for batch in data.batches(train_set, config.batch_size, seed=config.seed, epoch=epoch,
                                 augment=_augment(config), start_batch=first):
@@ -273,9 +277,9 @@ def train(config: TrainConfig) -> dict:
                    "equiv eps %.4f  [%.3f, %.3f]", step, setup.total_steps, last["loss"],
                    last["clean_error"], last["certified_error"], last["eps0"],
                    last["equivalent_eps"], last["eps_min"], last["eps_max"])
-        if step % config.checkpoint_every == 0 or step == setup.total_steps:
+        if step % config.checkpoint_every == 0 or step == end:
           manager.save(step, state)
-        if step >= setup.total_steps or stop["signal"] is not None:
+        if step >= end or stop["signal"] is not None:
           break
       if step % setup.steps_per_epoch == 0:
         log.info("epoch %d done in %.1f s", epoch + 1, time.time() - t_epoch)

@@ -27,6 +27,7 @@ def run_main(main):
 
   def wrapped(argv):
     logging.getLogger("cbudget").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's per-save INFO lines
     if not logging.getLogger().handlers:
       logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:

@@ -1,10 +1,11 @@
-"""Visualisation of learned perturbation budgets and training curves.
+r"""Visualisation of learned perturbation budgets and training curves.
 
-Library part: module-level plotting functions that write PNG files.  They
-use the non-interactive Agg backend (set at import) and matplotlib's
-object-oriented ``Figure`` API, so they work headless and leave no global
-pyplot state behind.  A command-line ``main`` can be added at the bottom of
-this module.
+  python -m launch.visualize --workdir workdir/demo [--num_examples 8]
+
+writes ``budgets_grid.png`` (test images, their budget maps on one colour scale, overlays, and the
+relevance mask where the dataset has one) and ``curves.png`` (errors and ε₀ against steps) in the
+workdir. The plotting functions use the non-interactive Agg backend and matplotlib's
+object-oriented ``Figure`` API, so they work headless and leave no global pyplot state behind.
 """
 
 from __future__ import annotations
@@ -230,3 +231,48 @@ def plot_training_curves(metrics_jsonl_path: str, path: str) -> str:
     _ensure_dir(path)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def main(argv):
+    """Pictures of a run: budgets of the first test images, and the training curves."""
+    del argv
+    from absl import flags
+
+    import jax.numpy as jnp
+
+    from cbudget import budgets as budgets_lib
+    from cbudget import data
+    from cbudget.evaluate import load_run
+
+    FLAGS = flags.FLAGS
+    config, setup, state = load_run(FLAGS.workdir)
+    test = data.load(config.dataset, "test", config.data_dir, seed=config.seed,
+                     num_examples=FLAGS.num_examples)
+    x = jnp.asarray(test.images)
+    raw = None
+    if setup.budget_model is not None:
+        raw = setup.budget_model.apply({"params": state.params["budget"]}, x)
+    eps = budgets_lib.budgets(setup.budget_config, config.eps, raw, x.shape)
+    variables = {"params": state.params["classifier"]}
+    if state.batch_stats is not None:
+        variables["batch_stats"] = state.batch_stats
+    preds = np.asarray(jnp.argmax(setup.classifier.apply(variables, x), -1))
+    grid = plot_budget_grid(test.images, np.asarray(eps), os.path.join(FLAGS.workdir, "budgets_grid.png"),
+                            masks=test.masks, labels=test.labels, preds=preds,
+                            max_examples=FLAGS.num_examples,
+                            title=f"{config.budget} budgets, ε₀ = {config.eps:.3g}")
+    print(f"wrote {grid}")
+    metrics_path = os.path.join(FLAGS.workdir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        print(f"wrote {plot_training_curves(metrics_path, os.path.join(FLAGS.workdir, 'curves.png'))}")
+
+
+if __name__ == "__main__":
+    from absl import flags
+
+    from launch.common import run_main
+
+    flags.DEFINE_string("workdir", None, "The --workdir of a training run.", required=True)
+    flags.DEFINE_integer("num_examples", 8, "How many test images to show.")
+    flags.register_validator("num_examples", lambda v: v > 0, "--num_examples must be > 0")
+    run_main(main)

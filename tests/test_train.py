@@ -1,0 +1,94 @@
+"""End to end: a few training steps on the embedded data, evaluation, resume, bad settings."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cbudget import checkpoints
+from cbudget.evaluate import evaluate, load_run
+from cbudget.train import NonFiniteError, TrainConfig, train
+
+TINY = dict(dataset="shapes", model="dm_small", num_train_examples=256, batch_size=32,
+            log_every=2, checkpoint_every=4, eps=0.1, warmup_fraction=0.0, ramp_fraction=0.5)
+
+
+def tiny(tmp_path, name="run", **kw):
+  return TrainConfig(workdir=str(tmp_path / name), **{**TINY, **kw})
+
+
+@pytest.mark.parametrize("budget,method", [("uniform", "ibp"), ("global", "crown-ibp"),
+                                           ("contextual", "ibp"), ("contextual", "crown-ibp")])
+def test_smoke_train_then_evaluate(tmp_path, budget, method):
+  config = tiny(tmp_path, budget=budget, method=method, steps=4)
+  result = train(config)
+  assert result["step"] == 4 and not result["interrupted"]
+  records = checkpoints.read_metrics(config.workdir)
+  assert [r["step"] for r in records] == [2, 4]
+  assert all(np.isfinite(r["loss"]) for r in records)
+  # The volume constraint holds during training: equivalent ε equals the scheduled ε₀.
+  for r in records:
+    assert r["equivalent_eps"] == pytest.approx(r["eps0"], rel=1e-4, abs=1e-7)
+  results = evaluate(config.workdir, num_examples=40, batch_size=20, pgd_steps=5)
+  assert 0 <= results["clean_error"] <= results["pgd_error"]
+  for err in results["certified_error"].values():
+    assert results["pgd_error"] <= err <= 1
+  assert results["budget"]["equivalent_eps"] == pytest.approx(config.eps, rel=1e-4)
+  assert 0 <= results["relevance_auroc"] <= 1
+
+
+def test_clean_le_pgd_le_certified_on_a_trained_model(tmp_path):
+  """Trained long enough to certify some examples: the ordering must hold with real numbers."""
+  config = tiny(tmp_path, steps=300, num_train_examples=1024, batch_size=64, checkpoint_every=300,
+                log_every=100, warmup_fraction=0.1)
+  train(config)
+  r = evaluate(config.workdir, num_examples=200, batch_size=100, pgd_steps=10, x64=True)
+  assert r["clean_error"] <= r["pgd_error"]
+  for method, err in r["certified_error"].items():
+    assert r["pgd_error"] <= err, method
+  assert min(r["certified_error"].values()) < 0.9, "the model should certify some examples"
+  # Whatever float32 certifies, float64 certifies too (report, and on this model: none differ).
+  assert r["float32_only_certified"] == {m: 0 for m in r["certified_error"]}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight = tiny(tmp_path, "straight", steps=8)
+  train(straight)
+  resumed = tiny(tmp_path, "resumed", steps=8)
+  train(resumed, until_step=3)                          # stopped between checkpoints...
+  assert checkpoints.Manager(resumed.workdir).latest_step() == 3
+  result = train(resumed)                               # ...and the same command again
+  assert result["step"] == 8
+  a, b = load_run(straight.workdir)[2], load_run(resumed.workdir)[2]
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  steps = [r["step"] for r in checkpoints.read_metrics(resumed.workdir) if "loss" in r]
+  assert steps == [2, 4, 6, 8]   # metrics continue from the checkpoint, without duplicates
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  train(tiny(tmp_path, steps=2))
+  with pytest.raises(ValueError, match="--model='dm_small' there vs 'mlp' now"):
+    train(tiny(tmp_path, steps=2, model="mlp"))
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+  with pytest.raises(ValueError, match="--eps must be > 0"):
+    train(tiny(tmp_path, eps=0.0, steps=1))
+  with pytest.raises(ValueError, match="budget range"):
+    train(tiny(tmp_path, budget_range=(2.0, 4.0), steps=1))
+  with pytest.raises(ValueError, match="--batch_size=512 is larger than the training set"):
+    train(tiny(tmp_path, batch_size=512, steps=1))
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = tiny(tmp_path, steps=40, lr=1e38, checkpoint_every=1, log_every=1)
+  with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step (\d+)"):
+    train(config)
+  last = checkpoints.Manager(config.workdir).latest_step()
+  state = load_run(config.workdir)[2]
+  assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+  assert last is not None and int(state.step) == last
