@@ -54,11 +54,11 @@ def margin_lower_bounds(logits_fn: Callable, variables, box: Box, spec, method: 
     return ibp(logits_fn)(variables, box, spec).lower
   if method == "crown-ibp":
     lb_ibp = ibp(logits_fn)(variables, box, spec).lower
-    lb_crown = crown(logits_fn)(variables, box, spec, need_upper=False).lower
+    lb_crown = crown(logits_fn, need_upper=False)(variables, box, spec).lower
     return beta * lb_crown + (1 - beta) * lb_ibp
   if method == "crown":
-    return crown(logits_fn, "crown", chunk_size=crown_chunk_size)(variables, box, spec,
-                                                                  need_upper=False).lower
+    return crown(logits_fn, "crown", chunk_size=crown_chunk_size, need_upper=False)(
+        variables, box, spec).lower
   raise ValueError(f"unknown bound method {method!r}; choose one of {EVAL_METHODS}")
 
 

@@ -200,6 +200,35 @@ def make_train_step(setup: Setup, config: TrainConfig):
   return step_fn
 
 
+def data_parallel(devices=None):
+  """``(put_batch, put_replicated)`` placing data on a 1-d mesh over ``devices`` (default: all).
+
+  The batch is sharded along its first axis and everything else is replicated, so the jitted step
+  runs data-parallel: XLA inserts the gradient all-reduce (GSPMD), no custom communication. Each
+  host passes the same global batch (the pipeline is deterministic); it contributes the slices of
+  its own devices, which works on one host and across hosts after ``jax.distributed.initialize``.
+  """
+  devices = jax.devices() if devices is None else devices
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def put(value, sharding):
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+  def put_batch(array):
+    if array.shape[0] % len(devices):
+      raise ValueError(f"--batch_size={array.shape[0]} must be divisible by the number of devices "
+                       f"({len(devices)}) for data-parallel training")
+    return put(array, batch_sharding)
+
+  def put_replicated(tree):
+    return jax.tree.map(lambda a: put(a, replicated), tree)
+
+  return put_batch, put_replicated
+
+
 class NonFiniteError(FloatingPointError):
   """Training produced a NaN/Inf loss or gradient."""
 
@@ -237,6 +266,11 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
     state = restored
     start = int(state.step)
     log.info("resumed from step %d (checkpoint in %s)", start, manager.directory)
+  put_batch, put_replicated = data_parallel()
+  state = put_replicated(state)
+  log.info("training on %d device(s) (%s), %d process(es); %d steps of batch %d",
+           jax.device_count(), jax.devices()[0].platform, jax.process_count(), setup.total_steps,
+           config.batch_size)
   metrics_log = checkpoints.MetricsLog(config.workdir, resume_step=start)
   if restored is not None:
     metrics_log.write({"step": start, "event": "resumed"})
@@ -259,7 +293,7 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
       epoch, first = divmod(step, setup.steps_per_epoch)
       for batch in data.batches(train_set, config.batch_size, seed=config.seed, epoch=epoch,
                                 augment=_augment(config), start_batch=first):
-        state, metrics = step_fn(state, batch["image"], batch["label"])
+        state, metrics = step_fn(state, put_batch(batch["image"]), put_batch(batch["label"]))
         step += 1
         if not bool(metrics["finite"]):
           msg = (f"non-finite loss or gradient at step {step} (ε₀={float(metrics['eps0']):.4g}, "

@@ -32,15 +32,18 @@ _SCHEDULES = {
 }
 
 PRESETS = {}
+FAMILY = {}     # preset name -> family (mnist, cifar, mnist_canvas, cifar_canvas)
 for _family, _base in _BASE.items():
-  _epsilons = {"mnist": (0.3, 0.4), "cifar": (8 / 255, 16 / 255)}.get(_family, (None,))
-  for _eps in _epsilons:
+  _epsilons = {"mnist": ((0.3, "0.3"), (0.4, "0.4")),
+               "cifar": ((8 / 255, "8_255"), (16 / 255, "16_255"))}.get(_family, ((None, ""),))
+  for _eps, _label in _epsilons:
     for _mode in _MODES:
-      _name = f"{_family}_{_mode}" + ("" if _eps is None else f"_{_eps:.4g}")
+      _name = f"{_family}_{_mode}" + (f"_{_label}" if _label else "")
       _values = dict(_base, budget=_mode)
       if _eps is not None:
         _values["eps"] = _eps
       PRESETS[_name] = _values
+      FAMILY[_name] = _family
 
 DEMO = dict(dataset="shapes", model="dm_small", budget="contextual")
 
@@ -51,6 +54,15 @@ def preset_values(name: str, schedule: str = "cpu") -> dict:
     return dict(DEMO)
   if name not in PRESETS:
     raise ValueError(f"unknown --preset={name!r}; choose one of {sorted(PRESETS)} or 'demo'")
-  family = next(f for f in sorted(_SCHEDULES, key=len, reverse=True) if name.startswith(f + "_"))
-  cpu, paper = _SCHEDULES[family]
+  cpu, paper = _SCHEDULES[FAMILY[name]]
   return {**PRESETS[name], **(cpu if schedule == "cpu" else paper)}
+
+
+def train_config(name: str, schedule: str = "cpu", **overrides):
+  """The :class:`cbudget.train.TrainConfig` of a preset, with ``overrides`` (e.g. workdir)."""
+  from cbudget.train import TrainConfig
+  from launch.common import parse_range
+  values = {**preset_values(name, schedule), **overrides}
+  if isinstance(values.get("budget_range"), str):
+    values["budget_range"] = parse_range(values["budget_range"])
+  return TrainConfig(**values)

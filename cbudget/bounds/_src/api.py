@@ -23,6 +23,11 @@ INTERMEDIATE_METHODS = ("ibp", "crown")
 
 def _check_inputs(box, spec):
   box = as_box(box)
+  if not isinstance(box.lower, jax.core.Tracer) and not isinstance(box.upper, jax.core.Tracer):
+    if not (bool(jnp.all(jnp.isfinite(box.lower))) and bool(jnp.all(jnp.isfinite(box.upper)))):
+      raise ValueError("the box has non-finite bounds; bounds over infinite boxes are not supported")
+    if bool(jnp.any(box.lower > box.upper)):
+      raise ValueError("the box is empty somewhere (lower > upper)")
   if box.lower.ndim < 1:
     raise ValueError("the box must have a leading batch axis: shape [N, ...]")
   n = box.lower.shape[0]
@@ -99,7 +104,8 @@ def ibp(fn: Callable, *, registry: Registry | None = None):
       if spec_row is None:
         out = _output_box(prop, out_id)
         return Box(out.lower[0], out.upper[0])
-      rows = _spec_rows(spec_row, _output_box(prop, out_id).shape, box.dtype)
+      out = _output_box(prop, out_id)
+      rows = _spec_rows(spec_row, out.shape, out.dtype)
       return Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=True))
 
     return _per_example(fn, params, box, spec, registry, body)
@@ -108,10 +114,11 @@ def ibp(fn: Callable, *, registry: Registry | None = None):
 
 
 def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "adaptive",
-          chunk_size: int | None = None, registry: Registry | None = None):
+          chunk_size: int | None = None, need_upper: bool = True,
+          registry: Registry | None = None):
   """Linear relaxation propagated backward from the output (CROWN).
 
-  Returns ``bound(params, box, spec=None, *, need_upper=True) -> Box``.
+  Returns ``bound(params, box, spec=None) -> Box``.
 
   * ``intermediate="ibp"``: pre-activation bounds come from IBP (CROWN-IBP, Zhang et al. 2020).
   * ``intermediate="crown"``: they are computed by CROWN itself, layer by layer (full CROWN, Zhang et
@@ -138,7 +145,7 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
   options = {"relu_lower_slope": relu_lower_slope}
 
   @functools.wraps(fn)
-  def bound(params, box, spec=None, *, need_upper=True) -> Box:
+  def bound(params, box, spec=None) -> Box:
     box, spec = _check_inputs(box, spec)
 
     def body(prop, graph, out_id, spec_row):
@@ -160,12 +167,13 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
         prop.forward(refine)
       else:
         prop.forward()
-      out_shape = _output_box(prop, out_id).shape
+      out = _output_box(prop, out_id)
+      out_shape = out.shape
       if spec_row is None:
-        rows = _identity_rows(out_shape, box.dtype)
+        rows = _identity_rows(out_shape, out.dtype)
         lower, upper = _bounds_from_rows(prop, out_id, rows, True, need_upper)
         return Box(lower.reshape(out_shape)[0], upper.reshape(out_shape)[0])
-      rows = _spec_rows(spec_row, out_shape, box.dtype)
+      rows = _spec_rows(spec_row, out_shape, out.dtype)
       return Box(*_bounds_from_rows(prop, out_id, rows, True, need_upper))
 
     return _per_example(fn, params, box, spec, registry, body)

@@ -29,7 +29,7 @@ class Box(NamedTuple):
 
   @property
   def center(self) -> jax.Array:
-    return (self.lower + self.upper) / 2
+    return self.lower / 2 + self.upper / 2      # (l + u) / 2 could overflow
 
   @property
   def radius(self) -> jax.Array:

@@ -111,7 +111,10 @@ class BilinearRule:
 
 @dataclasses.dataclass(frozen=True)
 class ConvertRule:
-  """``convert_element_type`` between floating types is the identity on values."""
+  """``convert_element_type`` to a floating type: monotone (rounding to nearest is), so the ends
+  map to the ends. CROWN passes through it only when the dtype does not change (weak-type casts):
+  a narrowing cast rounds, and a dtype change would mix coefficient precisions, so there the
+  interval bounds are used (sound; a model that casts its input loses some tightness)."""
 
   kind: str = "affine"
 
@@ -123,7 +126,8 @@ class ConvertRule:
     return [Box(evaluate(box.lower)[0], evaluate(box.upper)[0])]
 
   def linearize(self, args, params, evaluate, options):
-    return Affine((0,))
+    (box,) = args
+    return Affine((0,)) if jnp.dtype(params["new_dtype"]) == box.dtype else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,12 +161,23 @@ class KinkRule:
     c = jnp.asarray(c, box.lower.dtype)
     if jnp.broadcast_shapes(jnp.shape(c), box.shape) != box.shape:
       return None
+    # An infinite constant (e.g. the -inf start of jnp.max) makes the op the identity
+    # (max(z, -inf), min(z, +inf)) or the constant (max(z, +inf), min(z, -inf)); relax the finite
+    # part only, so no inf - inf appears.
+    finite = jnp.isfinite(c)
+    c_safe = jnp.where(finite, c, 0)
     left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
-    bounds = relaxations.two_piece_relaxation(box.lower - c, box.upper - c, left, right,
-                                              options.get("relu_lower_slope", "adaptive"))
-    bounds = relaxations.shift(bounds, c, c)
-    return Relaxation(bounded_positions(args)[0], LinearBounds(*[jnp.broadcast_to(b, box.shape)
-                                                                 for b in bounds]))
+    kink = relaxations.shift(
+        relaxations.two_piece_relaxation(box.lower - c_safe, box.upper - c_safe, left, right,
+                                         options.get("relu_lower_slope", "adaptive")),
+        c_safe, c_safe)
+    identity = (c < 0) if self.is_max else (c > 0)
+    slope = jnp.where(identity, 1, 0).astype(box.dtype)
+    offset = jnp.where(identity, 0, c_safe).astype(box.dtype)
+    infinite = LinearBounds(slope, offset, slope, offset)
+    bounds = [jnp.broadcast_to(jnp.where(finite, k, i), box.shape)
+              for k, i in zip(kink, infinite)]
+    return Relaxation(bounded_positions(args)[0], LinearBounds(*bounds))
 
 
 def _monotone_ibp(l, u, op):
@@ -198,16 +213,36 @@ def _activation(ibp, relax, takes_options=False):
   return ActivationRule(ibp, relax, takes_options)
 
 
+@dataclasses.dataclass(frozen=True)
+class JaxNNRule(ActivationRule):
+  """A rule for a named ``jax.nn`` function: it applies only to the function defined in JAX
+  itself, with only its first argument bounded. A user's function of the same name is traced
+  through instead (its semantics may differ)."""
+
+  def accepts(self, eqn, bounded):
+    body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    debug = getattr(getattr(body, "jaxpr", body), "debug_info", None)
+    source = getattr(debug, "func_src_info", "") or ""
+    return "jax/_src/nn/" in source.replace("\\", "/") and tuple(bounded) == (0,)
+
+
 def _hard_tanh_ibp(l, u, op):
   return jnp.clip(l, -1, 1), jnp.clip(u, -1, 1)
+
+
+def _split_primitive():
+  """``split`` (``jnp.split``) is not in ``jax.extend``: take it from a trace."""
+  trace = jax.make_jaxpr(lambda x: jax.lax.split(x, (1, 1)))(jnp.zeros(2))
+  return trace.jaxpr.eqns[0].primitive
 
 
 def register_builtins(registry: Registry) -> Registry:
   for prim in (P.reshape_p, P.broadcast_in_dim_p, P.transpose_p, P.squeeze_p, P.slice_p,
                P.concatenate_p, P.pad_p, P.reduce_sum_p, P.reduce_window_sum_p, P.copy_p, P.rev_p,
-               P.add_p, P.add_jaxvals_p, P.cumsum_p, P.reduce_precision_p,
-               P.sharding_constraint_p):
+               P.add_p, P.add_jaxvals_p, P.cumsum_p, P.sharding_constraint_p, _split_primitive()):
     registry.register(prim, SignedRule(prim.name))
+  # Rounding is monotone but not affine: interval bounds only.
+  registry.register(P.reduce_precision_p, SignedRule("reduce_precision", affine=False))
   registry.register(P.sub_p, SignedRule("sub", signs=lambda i: 1 if i == 0 else -1))
   registry.register(P.neg_p, SignedRule("neg", signs=lambda i: -1))
   # The predicate of select_n and the indices of slicing/gathering must be concrete.
@@ -226,10 +261,10 @@ def register_builtins(registry: Registry) -> Registry:
   registry.register(P.min_p, KinkRule(is_max=False))
   registry.register(P.abs_p, _activation(_two_piece_ibp(_abs_slopes),
                                          _two_piece_relax(_abs_slopes), True))
-  registry.register("leaky_relu", _activation(_two_piece_ibp(_leaky_slopes),
-                                              _two_piece_relax(_leaky_slopes), True))
-  registry.register("hard_tanh", _activation(_hard_tanh_ibp,
-                                             lambda l, u, op: relaxations.hard_tanh_relaxation(l, u)))
+  registry.register("leaky_relu", JaxNNRule(_two_piece_ibp(_leaky_slopes),
+                                            _two_piece_relax(_leaky_slopes), True))
+  registry.register("hard_tanh", JaxNNRule(_hard_tanh_ibp,
+                                           lambda l, u, op: relaxations.hard_tanh_relaxation(l, u)))
   registry.register(P.logistic_p, _activation(_monotone_ibp,
                                               lambda l, u, op: relaxations.sigmoid_relaxation(l, u)))
   registry.register(P.tanh_p, _activation(_monotone_ibp,

@@ -119,14 +119,20 @@ class _Builder:
       ins = [self.read(env, a) for a in eqn.invars]
       is_bounded = any(i in self.bounded for i in ins)
       name = call_name(eqn)
-      if name is not None and is_bounded and name not in self.registry:
+      bounded_args = [k for k, i in enumerate(ins) if i in self.bounded]
+      named_rule = self.registry.get(name) if name is not None and is_bounded else None
+      if named_rule is not None and not getattr(named_rule, "accepts", lambda e, b: True)(
+          eqn, bounded_args):
+        named_rule = None
+      if name is not None and is_bounded and named_rule is None:
         body, body_consts = _body(eqn)
         label = f"{eqn.primitive}[name={name}]"
         outs = self.inline(body, body_consts, ins, f"{where} > {label}" if where else label)
       else:
         outs = [self.new_id() for _ in eqn.outvars]
-        key = name if (name is not None and is_bounded) else eqn.primitive
-        rule = self.registry.get(key) if is_bounded else None
+        key = name if named_rule is not None else eqn.primitive
+        rule = named_rule if named_rule is not None else (
+            self.registry.get(key) if is_bounded else None)
         if is_bounded and rule is None:
           raise UnsupportedPrimitiveError(_unsupported_message(key, where, eqn))
         self.nodes.append(Node(key, rule, tuple(ins), tuple(outs), is_bounded, dict(eqn.params),

@@ -118,7 +118,7 @@ class Propagator:
       return _contract(lam, self.env[target])
     lams = {target: lam}
     bias = jnp.zeros(lam.shape[:1], lam.dtype)
-    stop = self.producer[target]
+    stop = self.producer.get(target, -1)     # -1: the target is the input itself
     for index in range(stop, -1, -1):
       node = self.graph.nodes[index]
       if not node.bounded or not any(o in lams for o in node.outputs):
