@@ -98,3 +98,10 @@ def test_lower_only_crown_under_jit():
   box = Box(jnp.array([[-1.0, 0.5]]), jnp.array([[1.0, 0.7]]))
   b = jax.jit(crown(lambda p, x: jax.nn.relu(x), need_upper=False))(None, box)
   assert np.all(np.isinf(b.upper)) and np.all(np.isfinite(b.lower))
+
+
+
+def test_mixing_examples_is_a_clear_error():
+  box = Box.from_budget(jnp.full((3, 4), 0.5), 0.1)
+  with pytest.raises(ValueError, match="batch as its leading axis"):
+    ibp(lambda p, x: x - x.mean(axis=0))(None, box)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -39,19 +40,16 @@ def _check_inputs(box, spec):
   return box, spec
 
 
-def _per_example(fn, params, box, spec, registry, body):
-  """Trace ``fn`` on one example and vmap ``body(propagator, output_id, spec_row)`` over the batch."""
-  dtype = box.dtype
-  example = jax.ShapeDtypeStruct((1,) + box.lower.shape[1:], dtype)
+def _run(fn, params, box, registry, body):
+  """Trace ``fn`` on the batch and run ``body(propagator, graph, output_id)``.
 
-  def one(lower, upper, spec_row):
-    graph, leaves = build_graph(fn, params, example, registry)
-    out_id = graph.outputs[0]
-    prop = Propagator(graph, leaves, Box(lower[None], upper[None]), {})
-    return body(prop, graph, out_id, spec_row)
-
-  spec_axes = 0 if spec is not None else None
-  return jax.vmap(one, in_axes=(0, 0, spec_axes))(box.lower, box.upper, spec)
+  Coefficients carry the batch as their second axis (``[rows, N, ...]``) and are never summed over
+  it, so examples stay separate; weights are shared, so their gradients are ordinary batched
+  gradients (a per-example ``vmap`` here would make JAX build per-example weight gradients).
+  """
+  graph, leaves = build_graph(fn, params, jax.ShapeDtypeStruct(box.shape, box.dtype), registry)
+  prop = Propagator(graph, leaves, box, {})
+  return body(prop, graph, graph.outputs[0])
 
 
 def _output_box(prop, out_id) -> Box:
@@ -59,27 +57,29 @@ def _output_box(prop, out_id) -> Box:
   return value if isinstance(value, Box) else Box(value, value)
 
 
-def _spec_rows(spec_row, out_shape, dtype):
-  """Coefficient rows ``[S, *out_shape]`` for a spec ``[S, K]`` over an output ``[1, K]``."""
-  if spec_row.shape[-1] != out_shape[-1] or len(out_shape) != 2:
-    raise ValueError(f"spec [N, S, K] needs an output of shape [N, K]; the output per example is "
-                     f"{out_shape} and K = {spec_row.shape[-1]}")
-  return spec_row.reshape((spec_row.shape[0],) + out_shape).astype(dtype)
+def _spec_rows(spec, out_shape, dtype):
+  """Coefficient rows ``[S, N, K]`` for a spec ``[N, S, K]`` over outputs ``[N, K]``."""
+  if len(out_shape) != 2 or spec.shape[-1] != out_shape[-1]:
+    raise ValueError(f"spec [N, S, K] needs outputs of shape [N, K]; the output is {out_shape} and "
+                     f"K = {spec.shape[-1]}")
+  return jnp.swapaxes(spec, 0, 1).astype(dtype)
 
 
 def _identity_rows(out_shape, dtype):
-  size = 1
-  for d in out_shape:
-    size *= d
-  return jnp.eye(size, dtype=dtype).reshape((size,) + tuple(out_shape))
+  """One row per output element of an example, ``[size, N, *per_example]``."""
+  per_example = tuple(out_shape[1:])
+  size = math.prod(per_example)
+  eye = jnp.eye(size, dtype=dtype).reshape((size, 1) + per_example)
+  return jnp.broadcast_to(eye, (size,) + tuple(out_shape))
 
 
 def _bounds_from_rows(prop, out_id, rows, relax, need_upper):
+  """``(lower, upper)`` of shape ``[N, R]`` for coefficient rows ``[R, N, ...]``."""
   if need_upper:
     both = prop.backward(out_id, jnp.concatenate([rows, -rows]), relax=relax)
-    s = rows.shape[0]
-    return both[:s], -both[s:]
-  lower = prop.backward(out_id, rows, relax=relax)
+    r = rows.shape[0]
+    return both[:r].T, -both[r:].T
+  lower = prop.backward(out_id, rows, relax=relax).T
   return lower, jnp.full_like(lower, jnp.inf)
 
 
@@ -87,7 +87,8 @@ def ibp(fn: Callable, *, registry: Registry | None = None):
   """Interval bound propagation: ``ibp(fn)(params, box, spec=None) -> Box``.
 
   ``fn(params, x)`` maps a batch ``x`` of shape ``[N, ...]`` to outputs ``[N, K]`` and treats
-  examples independently. ``box`` is a :class:`Box` of ``x``'s shape (any per-element widths).
+  examples independently (every value that depends on ``x`` keeps the batch as its leading axis,
+  as in any inference-mode classifier). ``box`` is a :class:`Box` of ``x``'s shape (any per-element widths).
   Without ``spec`` the result bounds ``fn(params, x)`` for every ``x`` in the box; with ``spec`` of
   shape ``[N, S, K]`` it bounds ``spec @ fn(params, x)`` (shape ``[N, S]``), the spec being folded
   into the trailing affine layers before their interval bounds are taken (never looser than
@@ -99,16 +100,15 @@ def ibp(fn: Callable, *, registry: Registry | None = None):
   def bound(params, box, spec=None) -> Box:
     box, spec = _check_inputs(box, spec)
 
-    def body(prop, graph, out_id, spec_row):
+    def body(prop, graph, out_id):
       prop.forward()
-      if spec_row is None:
-        out = _output_box(prop, out_id)
-        return Box(out.lower[0], out.upper[0])
       out = _output_box(prop, out_id)
-      rows = _spec_rows(spec_row, out.shape, out.dtype)
+      if spec is None:
+        return out
+      rows = _spec_rows(spec, out.shape, out.dtype)
       return Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=True))
 
-    return _per_example(fn, params, box, spec, registry, body)
+    return _run(fn, params, box, registry, body)
 
   return bound
 
@@ -148,7 +148,7 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
   def bound(params, box, spec=None) -> Box:
     box, spec = _check_inputs(box, spec)
 
-    def body(prop, graph, out_id, spec_row):
+    def body(prop, graph, out_id):
       prop.options = options
       if intermediate == "crown":
         refined = set()
@@ -168,14 +168,13 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
       else:
         prop.forward()
       out = _output_box(prop, out_id)
-      out_shape = out.shape
-      if spec_row is None:
-        rows = _identity_rows(out_shape, out.dtype)
+      if spec is None:
+        rows = _identity_rows(out.shape, out.dtype)
         lower, upper = _bounds_from_rows(prop, out_id, rows, True, need_upper)
-        return Box(lower.reshape(out_shape)[0], upper.reshape(out_shape)[0])
-      rows = _spec_rows(spec_row, out_shape, out.dtype)
+        return Box(lower.reshape(out.shape), upper.reshape(out.shape))
+      rows = _spec_rows(spec, out.shape, out.dtype)
       return Box(*_bounds_from_rows(prop, out_id, rows, True, need_upper))
 
-    return _per_example(fn, params, box, spec, registry, body)
+    return _run(fn, params, box, registry, body)
 
   return bound

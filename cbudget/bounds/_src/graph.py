@@ -88,12 +88,22 @@ def _body(eqn):
 
 class _Builder:
 
-  def __init__(self, registry: Registry):
+  def __init__(self, registry: Registry, batch: int):
     self.registry = registry
+    self.batch = batch
     self.nodes: list[Node] = []
     self.consts: dict[int, Any] = {}
     self.bounded: set[int] = set()
     self._next = 0
+
+  def check_batch_axis(self, var, eqn, where):
+    shape = getattr(var.aval, "shape", ())
+    if not shape or shape[0] != self.batch:
+      raise ValueError(
+          f"cbudget.bounds needs every value that depends on x to keep the batch as its leading "
+          f"axis (examples are bounded independently), but {eqn.primitive}"
+          f"{' inside ' + where if where else ''} makes one of shape {shape} from a batch of "
+          f"{self.batch}; reduce or reshape within each example instead")
 
   def new_id(self) -> int:
     self._next += 1
@@ -139,6 +149,8 @@ class _Builder:
                                _bind(eqn.primitive, eqn.params), where))
         if is_bounded:
           self.bounded.update(outs)
+          for var in eqn.outvars:
+            self.check_batch_axis(var, eqn, where)
       for var, i in zip(eqn.outvars, outs):
         env[var] = i
     return [self.read(env, a) for a in jaxpr.outvars]
@@ -164,7 +176,7 @@ def build_graph(fn, params, x_like, registry: Registry) -> tuple[Graph, Any]:
                                                             jax.numpy.result_type(a)), params)
   closed = jax.make_jaxpr(fn)(params_spec, spec)
   leaves = jax.tree.leaves(params)
-  builder = _Builder(registry)
+  builder = _Builder(registry, x_like.shape[0])
   in_ids = [builder.new_id() for _ in closed.jaxpr.invars]
   if len(in_ids) != len(leaves) + 1:
     raise ValueError(f"expected fn(params, x) with one array x; the trace has {len(in_ids)} inputs "

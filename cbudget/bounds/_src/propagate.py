@@ -1,12 +1,11 @@
 """Forward interval propagation and the CROWN backward pass over a traced :class:`Graph`.
 
-Everything here works on ONE example: the public entry points trace ``f`` on a batch of one and
-``jax.vmap`` over the batch, so linear coefficients never mix examples (``f`` must treat examples
-independently, as every inference-mode classifier does).
-
-Linear coefficients ``lam`` for a value of shape ``s`` have shape ``[R, *s]``: one row per bound being
-computed (a spec row, or a neuron of an intermediate layer, with a sign). The backward pass returns,
-for each row, a lower bound of ``<lam, value>`` over the input box.
+Every value that depends on the input has the batch as its leading axis, ``[N, ...]``, and ``f``
+treats examples independently. Linear coefficients ``lam`` for such a value have shape
+``[R, N, ...]``: one row per bound being computed (a spec row, or a neuron of an intermediate layer,
+with a sign), for every example at once. The backward pass returns, per row and example, a lower
+bound ``[R, N]`` of ``<lam[r, n], value[n]>`` over example ``n``'s box; sums never cross the batch
+axis, so examples never mix.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiv
 
 
 def _contract(lam, value):
-  """``sum(lam * value)`` over all axes but the first (rows), broadcasting ``value``."""
-  value = jnp.broadcast_to(value, lam.shape[1:])
-  return jnp.tensordot(lam, value, axes=value.ndim) if value.ndim else lam * value
+  """``sum(lam * value)`` per row and example: ``[R, N, ...] x [N, ...] -> [R, N]``."""
+  prod = lam * jnp.broadcast_to(value, lam.shape[1:])
+  return prod.sum(axis=tuple(range(2, prod.ndim)))
 
 
 def _ibp_node(node: Node, args) -> list:
@@ -77,19 +76,19 @@ class Propagator:
       if isinstance(lin, Relaxation) and not relax:
         lin = None
       if isinstance(lin, Affine):
-        lin = self._affine_pullback(node, args, lin.bounded)
+        lin = self._affine_pullback(node.evaluate, args, lin.bounded)
       self._linear[key] = lin
     return self._linear[key]
 
   @staticmethod
-  def _affine_pullback(node: Node, args, bounded):
+  def _affine_pullback(evaluate, args, bounded):
     """VJP of the node as a function of its bounded args, at zero: its value there is the offset."""
 
     def fn(*values):
       full = list(args)
       for i, v in zip(bounded, values):
         full[i] = v
-      return node.evaluate(*full)
+      return evaluate(*full)
 
     zeros = [jnp.zeros(args[i].shape, args[i].dtype) for i in bounded]
     offsets, pullback = jax.vjp(fn, *zeros)
@@ -109,7 +108,7 @@ class Propagator:
         needed.update(i for i in node.inputs if i in self.graph.bounded)
 
   def backward(self, target: int, lam, relax: bool = True):
-    """Lower bounds ``[R]`` of ``<lam[r], value(target)>`` over the input box.
+    """Lower bounds ``[R, N]`` of ``<lam[r, n], value(target)[n]>`` over the input box.
 
     With ``relax=False`` only affine nodes are passed through; the first non-affine node meets its
     interval bounds (this is IBP with the spec folded into the trailing affine layers).
@@ -117,7 +116,7 @@ class Propagator:
     if target not in self.graph.bounded:
       return _contract(lam, self.env[target])
     lams = {target: lam}
-    bias = jnp.zeros(lam.shape[:1], lam.dtype)
+    bias = jnp.zeros(lam.shape[:2], lam.dtype)
     stop = self.producer.get(target, -1)     # -1: the target is the input itself
     for index in range(stop, -1, -1):
       node = self.graph.nodes[index]
@@ -161,9 +160,11 @@ class Propagator:
   # -- full CROWN intermediate bounds -------------------------------------------------------------
 
   def crown_bounds_of(self, target: int, chunk_size: int | None) -> Box:
-    """CROWN bounds of every element of ``target`` (rows: +e_k for lower, -e_k for upper)."""
+    """CROWN bounds of every element of ``target`` (rows: +e_k for lower, -e_k for upper, for all
+    examples at once); ``chunk_size`` rows per backward pass."""
     shape = self.env[target].shape
-    size = math.prod(shape)
+    n, per_example = shape[0], shape[1:]
+    size = math.prod(per_example)
     dtype = self.env[target].dtype
     rows = 2 * size
     chunk = rows if chunk_size is None else max(1, min(chunk_size, rows))
@@ -174,13 +175,14 @@ class Propagator:
       sign = jnp.where(r < size, 1, -1).astype(dtype)
       valid = (r < rows).astype(dtype)
       lam = jax.nn.one_hot(r % size, size, dtype=dtype) * (sign * valid)[:, None]
-      return self.backward(target, lam.reshape((chunk,) + shape))
+      lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk,) + shape)
+      return self.backward(target, lam)                                   # [chunk, N]
 
     if num_chunks == 1:
       out = run(0)
     else:
       self.prepare(target)
-      out = lax.map(run, jnp.arange(num_chunks) * chunk).reshape(-1)
-    lower = out[:size].reshape(shape)
-    upper = -out[size:rows].reshape(shape)
+      out = lax.map(run, jnp.arange(num_chunks) * chunk).reshape(-1, n)
+    lower = out[:size].T.reshape(shape)
+    upper = -out[size:rows].T.reshape(shape)
     return Box(lower, upper)

@@ -1,0 +1,110 @@
+r"""Benchmark: certified training steps against a clean training step.
+
+  python -m bench.train_step [--nets mlp,cnn_small,dm_small,cnn7] [--steps 20]
+
+For each net: the median wall-clock (over --steps calls after compilation) of a clean step, an IBP
+step and a CROWN-IBP step (SGD-style: loss, gradient, Adam update), with uniform boxes and with the
+contextual generator, and the ratio of each to the clean step; XLA's planned memory per step; and
+the throughput of full-CROWN certification. mlp and cnn_small are the nets of the auto_LiRPA
+reference numbers in the README (there: torch CPU, batch 128, 2 threads).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+
+from bench.common import compiled_memory_bytes, device_description, time_fn
+from cbudget.bounds import Box, crown
+from cbudget.models import classifiers
+from cbudget.objective import margin_spec
+from cbudget.train import TrainConfig, init_state, make_setup, make_train_step
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("nets", ["mlp", "cnn_small", "dm_small", "cnn7"], "Nets to time.")
+flags.DEFINE_integer("batch", 128, "Batch size.")
+flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+flags.DEFINE_list("budgets", ["uniform", "contextual"], "Budget modes.")
+flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
+flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
+
+NETS = {  # name: (classifier name or module, input shape, generator)
+    "mlp": (lambda: classifiers.MLP(10, hidden=(256, 256)), (28, 28, 1), "small"),
+    "cnn_small": (lambda: classifiers.PlainCNN(10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,),
+                                               padding=((1, 1), (1, 1))), (28, 28, 1), "small"),
+    "dm_small": (lambda: classifiers.get_classifier("dm_small", 10), (28, 28, 1), "small"),
+    "cnn7": (lambda: classifiers.get_classifier("cnn7", 10), (32, 32, 3), "unet"),
+}
+
+
+def clean_step_fn(setup):
+  def loss_fn(params, batch_stats, x, y):
+    variables = {"params": params["classifier"]}
+    if batch_stats is not None:
+      logits, new = setup.classifier.apply({**variables, "batch_stats": batch_stats}, x,
+                                           train=True, mutable=["batch_stats"])
+      batch_stats = new["batch_stats"]
+    else:
+      logits = setup.classifier.apply(variables, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), batch_stats
+
+  @jax.jit
+  def step(state, x, y):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, x, y)
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
+    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                          batch_stats=stats), loss
+
+  return step
+
+
+def bench_net(name):
+  make_model, shape, generator = NETS[name]
+  x = jax.random.uniform(jax.random.key(0), (FLAGS.batch,) + shape)
+  y = jnp.arange(FLAGS.batch) % 10
+  print(f"\n{name} {shape} batch {FLAGS.batch} on {device_description()}  (median ms per step)")
+  clean_ms = None
+  for budget in FLAGS.budgets:
+    for method in ("clean", "ibp", "crown-ibp"):
+      if method == "clean" and budget != FLAGS.budgets[0]:
+        continue
+      config = TrainConfig(workdir="unused", model="mlp", budget=budget, generator=generator,
+                           method="ibp" if method == "clean" else method, eps=0.1,
+                           batch_size=FLAGS.batch, steps=1000, warmup_fraction=0.0,
+                           ramp_fraction=0.0)
+      setup = make_setup(config, 10, steps_per_epoch=1000)
+      setup = dataclasses.replace(setup, classifier=make_model())
+      state = init_state(setup, config, x[:1])
+      step = clean_step_fn(setup) if method == "clean" else make_train_step(setup, config)
+      seconds, _ = time_fn(lambda s: step(s, x, y), state, repeats=FLAGS.steps)
+      mem = compiled_memory_bytes(step, state, x, y)
+      ms = 1e3 * seconds
+      if method == "clean":
+        clean_ms = ms
+      label = "clean" if method == "clean" else f"{method}, {budget}"
+      ratio = f"{ms / clean_ms:5.1f}x" if clean_ms else ""
+      mem_s = f"   XLA plan {mem / 2**20:7.1f} MiB" if mem else ""
+      print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}", flush=True)
+  if FLAGS.full_crown:
+    model = make_model()
+    xb, yb = x[:FLAGS.crown_batch], y[:FLAGS.crown_batch]
+    variables = model.init(jax.random.key(1), xb[:1])
+    f = lambda v, z: model.apply(v, z, train=False)
+    certify = jax.jit(lambda v: crown(f, "crown", chunk_size=4096, need_upper=False)(
+        v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)).lower)
+    seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
+    print(f"  {'full CROWN certification':28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
+          f"(batch {FLAGS.crown_batch}, chunks of 4096 rows)", flush=True)
+
+
+def main(argv):
+  del argv
+  for name in FLAGS.nets:
+    bench_net(name)
+
+
+if __name__ == "__main__":
+  app.run(main)
