@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -89,8 +90,7 @@ def test_sigkill_then_same_command_resumes_to_the_same_parameters(tmp_path):
   out = run("launch.train", f"--workdir={tmp_path}/killed", *args)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "resumed from step" in out.stderr
-  for a, b in zip(_params(f"{tmp_path}/straight"), _params(f"{tmp_path}/killed")):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(_params(f"{tmp_path}/straight"), _params(f"{tmp_path}/killed"))
   records = checkpoints.read_metrics(f"{tmp_path}/killed")
   steps = [r["step"] for r in records if "loss" in r]
   assert steps == sorted(set(steps)) and steps[-1] == 40     # no duplicates, no gaps at the end

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -63,8 +64,8 @@ def test_resume_equals_uninterrupted(tmp_path):
   result = train(resumed)                               # ...and the same command again
   assert result["step"] == 8
   a, b = load_run(straight.workdir)[2], load_run(resumed.workdir)[2]
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  chex.assert_trees_all_equal(a.params, b.params)
+  chex.assert_trees_all_equal(a.opt_state, b.opt_state)
   steps = [r["step"] for r in checkpoints.read_metrics(resumed.workdir) if "loss" in r]
   assert steps == [2, 4, 6, 8]   # metrics continue from the checkpoint, without duplicates
 

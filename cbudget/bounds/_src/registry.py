@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from cbudget.bounds._src.box import Box
 
 
-class UnsupportedPrimitiveError(NotImplementedError):
+class UnsupportedPrimitiveError(Exception):
   """A traced function uses an operation on a bounded value that no registered rule covers."""
 
 
