@@ -30,7 +30,7 @@ flags.DEFINE_string("results_dir", "results", "Where the JSON files and table go
 flags.DEFINE_string("workdir_root", "workdir/reproduce", "Training workdirs go under here.")
 flags.DEFINE_integer("num_examples", 1000, "Test examples per evaluation.")
 flags.DEFINE_list("methods", ["ibp", "crown-ibp", "crown"], "Certification methods.")
-flags.DEFINE_integer("crown_chunk_size", 2048, "Rows per full-CROWN backward pass.")
+flags.DEFINE_integer("crown_chunk_size", 8192, "(Row, example) pairs per full-CROWN pass.")
 flags.DEFINE_integer("epochs", None, "Override the preset's epochs.")
 flags.DEFINE_integer("num_train_examples", None, "Override: train on the first N examples.")
 flags.DEFINE_integer("crown_examples", 200, "Full CROWN on the first N test examples only.")
@@ -51,7 +51,8 @@ def run_preset(name: str) -> dict:
     overrides["num_train_examples"] = FLAGS.num_train_examples
   config = presets.train_config(name, FLAGS.schedule, **overrides)
   t0 = time.time()
-  train(config)
+  if train(config)["interrupted"]:
+    sys.exit(f"interrupted while training {name}; run the same command to resume")
   t_train = time.time() - t0
   t1 = time.time()
   results = evaluate(config.workdir, num_examples=FLAGS.num_examples, methods=tuple(FLAGS.methods),

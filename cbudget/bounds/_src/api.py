@@ -123,8 +123,9 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
   * ``intermediate="ibp"``: pre-activation bounds come from IBP (CROWN-IBP, Zhang et al. 2020).
   * ``intermediate="crown"``: they are computed by CROWN itself, layer by layer (full CROWN, Zhang et
     al. 2018); each is intersected with its IBP bound (both are sound, so the intersection is).
-    ``chunk_size`` caps how many neuron rows one backward pass carries (memory ~ ``chunk_size`` times
-    the largest layer); ``None`` runs all rows of a layer at once.
+    ``chunk_size`` caps the (neuron row, example) pairs one backward pass carries: memory is about
+    ``chunk_size`` times the largest layer of one example, times a small factor (XLA's plan for
+    CNN-7 is in ``bench/README.md``); ``None`` runs all rows of a layer at once.
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.

@@ -161,13 +161,14 @@ class Propagator:
 
   def crown_bounds_of(self, target: int, chunk_size: int | None) -> Box:
     """CROWN bounds of every element of ``target`` (rows: +e_k for lower, -e_k for upper, for all
-    examples at once); ``chunk_size`` rows per backward pass."""
+    examples at once). One backward pass carries at most ``chunk_size`` (row, example) pairs, so
+    memory is about ``chunk_size`` times the largest per-example value, whatever the batch."""
     shape = self.env[target].shape
     n, per_example = shape[0], shape[1:]
     size = math.prod(per_example)
     dtype = self.env[target].dtype
     rows = 2 * size
-    chunk = rows if chunk_size is None else max(1, min(chunk_size, rows))
+    chunk = rows if chunk_size is None else max(1, min(chunk_size // n, rows))
     num_chunks = -(-rows // chunk)
 
     def run(start):
