@@ -1,6 +1,6 @@
 r"""Benchmark: planned memory of full CROWN on CNN-7 (CIFAR shape) against the chunk size.
 
-  python -m bench.crown_memory [--batch 32] [--chunk_sizes 256,1024,4096,none]
+  python -m bench.crown_memory [--batch 32] [--chunk_sizes 2048,4096,8192]
 
 Full CROWN computes a bound for every neuron of every layer, so its memory grows with the number of
 rows carried through one backward pass. This compiles (without running: a CPU run of CNN-7 full
@@ -19,7 +19,8 @@ from bench.common import compiled_memory_bytes, device_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Batch size.")
-flags.DEFINE_list("chunk_sizes", ["256", "1024", "4096"], "Rows per backward pass ('none': all).")
+flags.DEFINE_list("chunk_sizes", ["2048", "4096", "8192"],
+                  "(Row, example) pairs per backward pass ('none': all).")
 
 
 def main(argv):

@@ -49,7 +49,7 @@ def _to(dtype, tree):
 
 def evaluate(workdir: str, *, num_examples: int | None = None, methods=EVAL_METHODS,
              batch_size: int = 100, pgd_steps: int = 20, pgd_restarts: int = 1,
-             crown_chunk_size: int | None = 8192, crown_examples: int | None = None,
+             crown_chunk_size: int | None = 2048, crown_examples: int | None = None,
              x64: bool = False, seed: int = 0) -> dict:
   """Evaluate the latest checkpoint in ``workdir`` at its target ε₀ (the budgets the model gives
   each test image). Returns the results dict (what ``eval.json`` holds) and, under ``"samples"``,

@@ -19,7 +19,7 @@ flags.DEFINE_list("methods", ["ibp", "crown-ibp", "crown"], "Bound methods to ce
 flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
 flags.DEFINE_integer("pgd_steps", 20, "PGD steps.")
 flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
-flags.DEFINE_integer("crown_chunk_size", 8192,
+flags.DEFINE_integer("crown_chunk_size", 2048,
                      "Max (neuron row, example) pairs per full-CROWN backward pass (memory).")
 flags.DEFINE_bool("x64", False, "Also certify in float64 and report float32-only certificates.")
 flags.DEFINE_bool("plot", True, "Write budgets.png (images next to their budget maps).")

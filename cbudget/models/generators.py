@@ -30,6 +30,12 @@ def _head_init(scale: float):
     return nn.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
 
 
+def _head(out_channels: int, scale: float) -> nn.Module:
+    """The 1x1 conv head, small-initialised so that budgets start close to uniform."""
+    return nn.Conv(out_channels, (1, 1), kernel_init=_head_init(scale),
+                   bias_init=nn.initializers.zeros_init(), name="head")
+
+
 def _normalize(x: jax.Array, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> jax.Array:
     """``(x - mean) / std`` per channel; identity for the missing parts."""
     if mean is not None:
@@ -67,13 +73,7 @@ class SmallGenerator(nn.Module):
         h = _normalize(x, self.input_mean, self.input_std)
         for i, f in enumerate(self.features):
             h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
-        return nn.Conv(
-            out_ch,
-            (1, 1),
-            kernel_init=_head_init(self.head_init_scale),
-            bias_init=nn.initializers.zeros_init(),
-            name="head",
-        )(h)
+        return _head(out_ch, self.head_init_scale)(h)
 
 
 class UNetGenerator(nn.Module):
@@ -110,13 +110,7 @@ class UNetGenerator(nn.Module):
         h = jnp.concatenate([h, skip], axis=-1)
         h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec0")(h))
         h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec1")(h))
-        return nn.Conv(
-            out_ch,
-            (1, 1),
-            kernel_init=_head_init(self.head_init_scale),
-            bias_init=nn.initializers.zeros_init(),
-            name="head",
-        )(h)
+        return _head(out_ch, self.head_init_scale)(h)
 
 
 GENERATORS = {"small": SmallGenerator, "unet": UNetGenerator}
