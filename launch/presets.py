@@ -13,12 +13,13 @@ _BASE = {
     "cifar": dict(dataset="cifar10", model="dm_small", generator="unet", budget_range="0.25,4",
                   method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
                   kappa_end=0.0),
+    # The canvases are harder to learn than the plain datasets: a longer clean warm-up.
     "mnist_canvas": dict(dataset="mnist_canvas", model="dm_small", generator="small",
-                         budget_range="0.1,10", method="ibp", batch_size=100, eps=0.2,
-                         warmup_fraction=0.05, ramp_fraction=0.5, kappa_end=0.0),
+                         budget_range="0.1,10", method="ibp", batch_size=100, eps=0.1,
+                         warmup_fraction=0.2, ramp_fraction=0.5, kappa_end=0.0),
     "cifar_canvas": dict(dataset="cifar_canvas", model="dm_small", generator="unet",
-                         budget_range="0.1,10", method="ibp", batch_size=100, eps=4 / 255,
-                         warmup_fraction=0.05, ramp_fraction=0.5, kappa_end=0.0),
+                         budget_range="0.1,10", method="ibp", batch_size=100, eps=2 / 255,
+                         warmup_fraction=0.2, ramp_fraction=0.5, kappa_end=0.0),
 }
 
 # (cpu, paper) schedules.
