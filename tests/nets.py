@@ -58,8 +58,14 @@ class RandomNet(nn.Module):
 
 
 def init_net(net, x, seed, scale=1.0):
-  """Random params (Gaussian, scaled) and random BatchNorm statistics."""
+  """Random params (Gaussian, scaled) and random BatchNorm statistics, in ``x``'s dtype.
+
+  (Flax keeps float32 params by default; with float64 inputs, BatchNorm's ``rsqrt`` of a float32
+  variance would then be computed in float32, and two compilations of the same model can round it
+  differently by ~1e-8: a float64 test must use a float64 model.)
+  """
   variables = net.init(jax.random.key(seed), x)
+  variables = jax.tree.map(lambda a: a.astype(x.dtype), variables)
   leaves, tree = jax.tree.flatten(variables)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   new = []

@@ -76,3 +76,10 @@ def test_spec_shape_mismatch_is_a_clear_error():
   box = cb.Box.from_budget(jnp.ones((2, 3)) * 0.5, 0.1)
   with pytest.raises(ValueError, match=r"spec must have shape \[N, S, K\]"):
     cb.crown(f)(jnp.ones((3, 4)), box, jnp.ones((3, 1, 4)))
+
+
+def test_box_that_does_not_fit_the_model_is_a_clear_error():
+  f = lambda p, x: x.reshape(x.shape[0], -1) @ p
+  box = cb.Box.from_budget(jnp.full((2, 5, 5, 1), 0.5), 0.1)
+  with pytest.raises(ValueError, match=r"box's shape \(2, 5, 5, 1\).*match the model's input"):
+    cb.ibp(f)(jnp.ones((16, 3)), box)

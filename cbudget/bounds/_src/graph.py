@@ -174,7 +174,11 @@ def build_graph(fn, params, x_like, registry: Registry) -> tuple[Graph, Any]:
   spec = jax.ShapeDtypeStruct(x_like.shape, x_like.dtype)
   params_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jax.numpy.shape(a),
                                                             jax.numpy.result_type(a)), params)
-  closed = jax.make_jaxpr(fn)(params_spec, spec)
+  try:
+    closed = jax.make_jaxpr(fn)(params_spec, spec)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"fn(params, x) fails on an input of the box's shape {tuple(x_like.shape)} "
+                     f"and dtype {x_like.dtype}: does the box match the model's input? ({e})") from e
   leaves = jax.tree.leaves(params)
   builder = _Builder(registry, x_like.shape[0])
   in_ids = [builder.new_id() for _ in closed.jaxpr.invars]
