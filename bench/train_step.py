@@ -97,7 +97,7 @@ def bench_net(name):
         v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)).lower)
     seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
     print(f"  {'full CROWN certification':28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
-          f"(batch {FLAGS.crown_batch}, chunks of 4096 rows)", flush=True)
+          f"(batch {FLAGS.crown_batch}, chunk_size 4096)", flush=True)
 
 
 def main(argv):
