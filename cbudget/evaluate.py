@@ -49,13 +49,15 @@ def _to(dtype, tree):
 
 def evaluate(workdir: str, *, num_examples: int | None = None, methods=EVAL_METHODS,
              batch_size: int = 100, pgd_steps: int = 20, pgd_restarts: int = 1,
-             crown_chunk_size: int | None = 2048, crown_examples: int | None = None,
+             crown_chunk_size: int | None = None, crown_memory_gib: float = 2.0,
+             crown_examples: int | None = None,
              x64: bool = False, seed: int = 0) -> dict:
   """Evaluate the latest checkpoint in ``workdir`` at its target ε₀ (the budgets the model gives
   each test image). Returns the results dict (what ``eval.json`` holds) and, under ``"samples"``,
   the first batch's images, budgets and masks for pictures.
 
-  Full CROWN (per-neuron work) runs on the first ``crown_examples`` examples only, when given;
+  Full CROWN works in chunks: ``crown_chunk_size`` (row, example) pairs per backward pass, or, by
+  default, as many as fit ``crown_memory_gib``. Full CROWN (per-neuron work) runs on the first ``crown_examples`` examples only, when given;
   ``certified_examples`` says how many examples each certified error is over.
 
   With ``x64``, certification is repeated in float64, and examples certified in float32 but not
@@ -65,6 +67,7 @@ def evaluate(workdir: str, *, num_examples: int | None = None, methods=EVAL_METH
   for m in methods:
     if m not in EVAL_METHODS:
       raise ValueError(f"unknown method {m!r}; choose from {EVAL_METHODS}")
+  memory_limit = int(crown_memory_gib * 2**30)
   config, setup, state = load_run(workdir)
   test_set = data.load(config.dataset, "test", config.data_dir, seed=config.seed,
                        num_examples=num_examples)
@@ -82,7 +85,8 @@ def evaluate(workdir: str, *, num_examples: int | None = None, methods=EVAL_METH
   def lower_bounds(v, x, eps, y, method):
     return margin_lower_bounds(logits_fn, v, Box.from_budget(x, eps),
                                margin_spec(y, setup.num_classes, x.dtype), method,
-                               crown_chunk_size=crown_chunk_size)
+                               crown_chunk_size=crown_chunk_size,
+                               crown_memory_limit=None if crown_chunk_size else memory_limit)
 
   bound_fns = {m: jax.jit(lambda v, x, eps, y, m=m: lower_bounds(v, x, eps, y, m)) for m in methods}
   attack = jax.jit(lambda v, x, y, eps, key: pgd_error(lambda z: logits_fn(v, z), x, y, eps,

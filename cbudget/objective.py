@@ -43,12 +43,12 @@ def robust_cross_entropy(margin_lower, labels, num_classes: int):
 
 
 def margin_lower_bounds(logits_fn: Callable, variables, box: Box, spec, method: str, beta=1.0,
-                        crown_chunk_size: int | None = None):
+                        crown_chunk_size: int | None = None, crown_memory_limit: int | None = None):
   """Lower bounds ``[N, S]`` of ``spec @ logits_fn(variables, x)`` over ``box``.
 
   ``crown-ibp`` mixes ``beta * CROWN-IBP + (1 - beta) * IBP`` (Zhang et al. 2020): any convex
-  combination of two lower bounds is a lower bound. ``crown_chunk_size`` caps the rows of one
-  backward pass of full CROWN (memory).
+  combination of two lower bounds is a lower bound. ``crown_chunk_size`` or
+  ``crown_memory_limit`` (bytes) cap the work of one backward pass of full CROWN (memory).
   """
   if method == "ibp":
     return ibp(logits_fn)(variables, box, spec).lower
@@ -57,8 +57,8 @@ def margin_lower_bounds(logits_fn: Callable, variables, box: Box, spec, method: 
     lb_crown = crown(logits_fn, need_upper=False)(variables, box, spec).lower
     return beta * lb_crown + (1 - beta) * lb_ibp
   if method == "crown":
-    return crown(logits_fn, "crown", chunk_size=crown_chunk_size, need_upper=False)(
-        variables, box, spec).lower
+    return crown(logits_fn, "crown", chunk_size=crown_chunk_size,
+                 memory_limit=crown_memory_limit, need_upper=False)(variables, box, spec).lower
   raise ValueError(f"unknown bound method {method!r}; choose one of {EVAL_METHODS}")
 
 

@@ -19,8 +19,10 @@ flags.DEFINE_list("methods", ["ibp", "crown-ibp", "crown"], "Bound methods to ce
 flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
 flags.DEFINE_integer("pgd_steps", 20, "PGD steps.")
 flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
-flags.DEFINE_integer("crown_chunk_size", 2048,
-                     "Max (neuron row, example) pairs per full-CROWN backward pass (memory).")
+flags.DEFINE_integer("crown_chunk_size", None,
+                     "(Neuron row, example) pairs per full-CROWN backward pass; default: "
+                     "as many as fit --crown_memory_gib.")
+flags.DEFINE_float("crown_memory_gib", 2.0, "Memory for one full-CROWN backward pass.")
 flags.DEFINE_bool("x64", False, "Also certify in float64 and report float32-only certificates.")
 flags.DEFINE_bool("plot", True, "Write budgets.png (images next to their budget maps).")
 
@@ -35,7 +37,8 @@ def main(argv):
   results = evaluate(FLAGS.workdir, num_examples=FLAGS.num_examples or None,
                      methods=tuple(FLAGS.methods), batch_size=FLAGS.batch_size,
                      pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
-                     crown_chunk_size=FLAGS.crown_chunk_size, x64=FLAGS.x64)
+                     crown_chunk_size=FLAGS.crown_chunk_size,
+                     crown_memory_gib=FLAGS.crown_memory_gib, x64=FLAGS.x64)
   samples = results.pop("samples")
   atomic_write_text(os.path.join(FLAGS.workdir, "eval.json"), json.dumps(results, indent=2) + "\n")
   print(f"{results['dataset']} / {results['model']} / {results['budget_mode']} budgets, "

@@ -30,7 +30,7 @@ flags.DEFINE_string("results_dir", "results", "Where the JSON files and table go
 flags.DEFINE_string("workdir_root", "workdir/reproduce", "Training workdirs go under here.")
 flags.DEFINE_integer("num_examples", 1000, "Test examples per evaluation.")
 flags.DEFINE_list("methods", ["ibp", "crown-ibp", "crown"], "Certification methods.")
-flags.DEFINE_integer("crown_chunk_size", 2048, "(Row, example) pairs per full-CROWN pass.")
+flags.DEFINE_integer("crown_chunk_size", None, "(Row, example) pairs per full-CROWN pass.")
 flags.DEFINE_integer("epochs", None, "Override the preset's epochs.")
 flags.DEFINE_integer("num_train_examples", None, "Override: train on the first N examples.")
 flags.DEFINE_integer("crown_examples", 200, "Full CROWN on the first N test examples only.")

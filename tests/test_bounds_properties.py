@@ -180,6 +180,7 @@ def test_chunked_full_crown_equals_unchunked():
   x = jax.random.uniform(jax.random.key(10), (3, 5))
   box = Box.from_budget(x, 0.1)
   whole = crown(mlp, "crown")(params, box)
-  chunked = crown(mlp, "crown", chunk_size=5)(params, box)
-  np.testing.assert_allclose(whole.lower, chunked.lower, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(whole.upper, chunked.upper, rtol=1e-5, atol=1e-6)
+  for chunked in (crown(mlp, "crown", chunk_size=5)(params, box),
+                  crown(mlp, "crown", memory_limit=4096)(params, box)):
+    np.testing.assert_allclose(whole.lower, chunked.lower, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole.upper, chunked.upper, rtol=1e-5, atol=1e-6)

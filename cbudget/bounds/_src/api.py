@@ -114,8 +114,8 @@ def ibp(fn: Callable, *, registry: Registry | None = None):
 
 
 def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "adaptive",
-          chunk_size: int | None = None, need_upper: bool = True,
-          registry: Registry | None = None):
+          chunk_size: int | None = None, memory_limit: int | None = None,
+          need_upper: bool = True, registry: Registry | None = None):
   """Linear relaxation propagated backward from the output (CROWN).
 
   Returns ``bound(params, box, spec=None) -> Box``.
@@ -125,7 +125,9 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
     al. 2018); each is intersected with its IBP bound (both are sound, so the intersection is).
     ``chunk_size`` caps the (neuron row, example) pairs one backward pass carries: memory is about
     ``chunk_size`` times the largest layer of one example, times a small factor (XLA's plan for
-    CNN-7 is in ``bench/README.md``); ``None`` runs all rows of a layer at once.
+    CNN-7 is in ``bench/README.md``); ``None`` runs all rows of a layer at once. ``memory_limit``
+    (bytes) picks ``chunk_size`` instead, as ``memory_limit / (8 x largest per-example value)``; the
+    factor 8 covers the values a pass keeps alive (XLA planned 4.6 for CNN-7).
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.
@@ -142,6 +144,8 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
     raise ValueError(f"relu_lower_slope must be one of {SLOPE_CHOICES}, got {relu_lower_slope!r}")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+  if memory_limit is not None and chunk_size is not None:
+    raise ValueError("give chunk_size or memory_limit, not both")
   registry = DEFAULT_REGISTRY if registry is None else registry
   options = {"relu_lower_slope": relu_lower_slope}
 
@@ -160,7 +164,9 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
           for i in node.inputs:
             if i in graph.bounded and i != prop.input_id and i not in refined:
               refined.add(i)
-              tight = prop.crown_bounds_of(i, chunk_size)
+              chunk = chunk_size if memory_limit is None else max(
+                  1, memory_limit // (8 * prop.largest_value_bytes()))
+              tight = prop.crown_bounds_of(i, chunk)
               old = prop.env[i]
               prop.env[i] = Box(jnp.maximum(old.lower, tight.lower),
                                 jnp.minimum(old.upper, tight.upper))

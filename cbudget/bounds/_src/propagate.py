@@ -159,6 +159,12 @@ class Propagator:
 
   # -- full CROWN intermediate bounds -------------------------------------------------------------
 
+  def largest_value_bytes(self) -> int:
+    """Bytes of the largest value that depends on x, for one example."""
+    sizes = [math.prod(v.shape[1:]) * jnp.dtype(v.dtype).itemsize
+             for v in self.env.values() if isinstance(v, Box)]
+    return max(sizes, default=1)
+
   def crown_bounds_of(self, target: int, chunk_size: int | None) -> Box:
     """CROWN bounds of every element of ``target`` (rows: +e_k for lower, -e_k for upper, for all
     examples at once). One backward pass carries at most ``chunk_size`` (row, example) pairs, so
