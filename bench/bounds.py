@@ -9,8 +9,6 @@ lower bound only for CROWN methods. Full CROWN on the CNN-7-sized net is run at 
 examples with --chunk_size rows per backward pass (it computes CROWN bounds for every neuron).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from absl import app, flags

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 

@@ -6,7 +6,6 @@ attack (else a bound is unsound, and evaluation fails loudly), so clean <= PGD <
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
@@ -19,7 +18,7 @@ from cbudget import checkpoints, data, metrics
 from cbudget.attacks import pgd_error
 from cbudget.bounds import Box
 from cbudget.objective import EVAL_METHODS, margin_lower_bounds, margin_spec
-from cbudget.train import TrainConfig, config_from_dict, init_state, make_setup
+from cbudget.train import config_from_dict, init_state, make_setup
 
 log = logging.getLogger("cbudget.evaluate")
 

@@ -7,7 +7,6 @@ checkpoint in ``config.workdir`` when there is one, so running the same command 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal

@@ -8,7 +8,7 @@ Writes ``eval.json`` and ``budgets.png`` in the workdir.
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from launch.common import run_main
 

@@ -15,7 +15,7 @@ import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from launch import presets
 from launch.common import run_main

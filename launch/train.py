@@ -8,12 +8,11 @@ Running the same command again resumes from the last checkpoint in --workdir.
 
 import dataclasses
 import logging
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from cbudget import data
-from cbudget.budgets import BUDGET_MODES, BudgetRangeError
+from cbudget.budgets import BUDGET_MODES
 from cbudget.models.classifiers import CLASSIFIERS
 from cbudget.models.generators import GENERATORS
 from cbudget.objective import TRAIN_METHODS

@@ -19,7 +19,7 @@ from jax import lax
 
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.graph import Graph, Node
-from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiveError, is_box
+from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiveError
 
 
 def _contract(lam, value):

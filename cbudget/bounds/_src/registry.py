@@ -24,7 +24,6 @@ import dataclasses
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from cbudget.bounds._src.box import Box
 
