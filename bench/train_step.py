@@ -3,8 +3,8 @@ r"""Benchmark: certified training steps against a clean training step.
   python -m bench.train_step [--nets mlp,cnn_small,dm_small,cnn7] [--steps 20]
 
 For each net: the median wall-clock (over --steps calls after compilation) of a clean step, an IBP
-step and a CROWN-IBP step (SGD-style: loss, gradient, Adam update), with uniform boxes and with the
-contextual generator, and the ratio of each to the clean step; XLA's planned memory per step; and
+step and a CROWN-IBP step (SGD-style: loss, gradient, Adam update), with uniform boxes and with
+contextual generators (``--generators``), and the ratio of each to the clean step; XLA's planned memory per step; and
 the throughput of full-CROWN certification. mlp and cnn_small are the nets of the auto_LiRPA
 reference numbers in the README (there: torch CPU, batch 128, 2 threads).
 """
@@ -27,15 +27,16 @@ flags.DEFINE_list("nets", ["mlp", "cnn_small", "dm_small", "cnn7"], "Nets to tim
 flags.DEFINE_integer("batch", 128, "Batch size.")
 flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 flags.DEFINE_list("budgets", ["uniform", "contextual"], "Budget modes.")
+flags.DEFINE_list("generators", ["coarse", "small"], "Generators timed in contextual mode.")
 flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
 flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
 
-NETS = {  # name: (classifier name or module, input shape, generator)
-    "mlp": (lambda: classifiers.MLP(10, hidden=(256, 256)), (28, 28, 1), "small"),
+NETS = {  # name: (classifier, input shape)
+    "mlp": (lambda: classifiers.MLP(10, hidden=(256, 256)), (28, 28, 1)),
     "cnn_small": (lambda: classifiers.PlainCNN(10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,),
-                                               padding=((1, 1), (1, 1))), (28, 28, 1), "small"),
-    "dm_small": (lambda: classifiers.get_classifier("dm_small", 10), (28, 28, 1), "small"),
-    "cnn7": (lambda: classifiers.get_classifier("cnn7", 10), (32, 32, 3), "unet"),
+                                               padding=((1, 1), (1, 1))), (28, 28, 1)),
+    "dm_small": (lambda: classifiers.get_classifier("dm_small", 10), (28, 28, 1)),
+    "cnn7": (lambda: classifiers.get_classifier("cnn7", 10), (32, 32, 3)),
 }
 
 
@@ -62,16 +63,17 @@ def clean_step_fn(setup):
 
 
 def bench_net(name):
-  make_model, shape, generator = NETS[name]
+  make_model, shape = NETS[name]
   x = jax.random.uniform(jax.random.key(0), (FLAGS.batch,) + shape)
   y = jnp.arange(FLAGS.batch) % 10
   print(f"\n{name} {shape} batch {FLAGS.batch} on {device_description()}  (median ms per step)")
   clean_ms = None
-  for budget in FLAGS.budgets:
+  runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
+  for budget, generator in runs:
     for method in ("clean", "ibp", "crown-ibp"):
-      if method == "clean" and budget != FLAGS.budgets[0]:
+      if method == "clean" and (budget, generator) != runs[0]:
         continue
-      config = TrainConfig(workdir="unused", model="mlp", budget=budget, generator=generator,
+      config = TrainConfig(workdir="unused", model="mlp", budget=budget, generator=generator or "coarse",
                            method="ibp" if method == "clean" else method, eps=0.1,
                            batch_size=FLAGS.batch, steps=1000, warmup_fraction=0.0,
                            ramp_fraction=0.0)
@@ -84,7 +86,7 @@ def bench_net(name):
       ms = 1e3 * seconds
       if method == "clean":
         clean_ms = ms
-      label = "clean" if method == "clean" else f"{method}, {budget}"
+      label = "clean" if method == "clean" else f"{method}, {budget} {generator}".strip()
       ratio = f"{ms / clean_ms:5.1f}x" if clean_ms else ""
       mem_s = f"   XLA plan {mem / 2**20:7.1f} MiB" if mem else ""
       print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}", flush=True)

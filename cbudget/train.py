@@ -35,7 +35,7 @@ class TrainConfig:
   dataset: str = data.DEFAULT_DATASET
   data_dir: str | None = None
   model: str = "dm_small"
-  generator: str = "small"
+  generator: str = "coarse"
   budget: str = "contextual"
   per_pixel: bool = True
   eps: float = 0.2

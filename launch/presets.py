@@ -7,14 +7,14 @@ Each preset has a CPU schedule (what the README's results table ran) and the pap
 _MODES = ("uniform", "global", "contextual")
 
 _BASE = {
-    "mnist": dict(dataset="mnist", model="dm_small", generator="small", budget_range="0.25,4",
+    "mnist": dict(dataset="mnist", model="dm_small", generator="coarse", budget_range="0.25,4",
                   method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
                   kappa_end=0.0),
     "cifar": dict(dataset="cifar10", model="dm_small", generator="unet", budget_range="0.25,4",
                   method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
                   kappa_end=0.0),
     # The canvases are harder to learn than the plain datasets: a longer clean warm-up.
-    "mnist_canvas": dict(dataset="mnist_canvas", model="dm_small", generator="small",
+    "mnist_canvas": dict(dataset="mnist_canvas", model="dm_small", generator="coarse",
                          budget_range="0.1,10", method="ibp", batch_size=100, eps=0.1,
                          warmup_fraction=0.2, ramp_fraction=0.5, kappa_end=0.0),
     "cifar_canvas": dict(dataset="cifar_canvas", model="dm_small", generator="unet",

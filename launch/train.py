@@ -26,7 +26,7 @@ flags.DEFINE_enum("schedule", "cpu", ["cpu", "paper"], "Preset schedule: reduced
 flags.DEFINE_enum("dataset", "shapes", list(data.DATASETS), "Dataset name.")
 flags.DEFINE_string("data_dir", None, "Folder of the standard raw files (offline); else TFDS.")
 flags.DEFINE_enum("model", "dm_small", list(CLASSIFIERS), "Classifier architecture.")
-flags.DEFINE_enum("generator", "small", list(GENERATORS), "Budget generator (contextual mode).")
+flags.DEFINE_enum("generator", "coarse", list(GENERATORS), "Budget generator (contextual mode).")
 flags.DEFINE_enum("budget", "contextual", list(BUDGET_MODES), "Budget mode.")
 flags.DEFINE_bool("per_pixel", True, "One budget per pixel (shared across channels).")
 flags.DEFINE_float("eps", 0.2, "Target ε₀: budgets have the volume of a uniform ε₀.")

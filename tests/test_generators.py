@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cbudget.budgets import budgets, make_budget_config
-from cbudget.models.generators import SmallGenerator, UNetGenerator, get_generator
+from cbudget.models.generators import CoarseGenerator, SmallGenerator, UNetGenerator, get_generator
 
 
 def _key(seed=0):
@@ -18,7 +18,7 @@ def _images(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
 
 
-@pytest.mark.parametrize("name", ["small", "unet"])
+@pytest.mark.parametrize("name", ["small", "unet", "coarse"])
 @pytest.mark.parametrize("per_pixel", [True, False])
 def test_output_shapes(name, per_pixel):
     # Shapes only (abstract evaluation, no compilation); 7x9 exercises odd
@@ -34,6 +34,7 @@ def test_get_generator_types_and_unknown_name():
     assert isinstance(get_generator("small"), SmallGenerator)
     assert isinstance(get_generator("unet", per_pixel=False), UNetGenerator)
     assert get_generator("unet", width=8).width == 8
+    assert isinstance(get_generator("coarse"), CoarseGenerator)
     with pytest.raises(ValueError, match="small.*unet|unet.*small"):
         get_generator("resnet")
 
@@ -52,7 +53,8 @@ def test_input_normalisation_changes_output():
     assert np.all(np.isfinite(ya)) and not np.allclose(ya, yb)
 
 
-@pytest.mark.parametrize("name,shape", [("small", (2, 28, 28, 1)), ("unet", (2, 32, 32, 3))])
+@pytest.mark.parametrize("name,shape", [("small", (2, 28, 28, 1)), ("unet", (2, 32, 32, 3)),
+                                        ("coarse", (2, 28, 28, 1))])
 def test_near_uniform_at_init_and_gradients(name, shape):
     x = _images(shape, seed=1)
     gen = get_generator(name, per_pixel=True)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SmallGenerator", "UNetGenerator", "GENERATORS", "get_generator"]
+__all__ = ["SmallGenerator", "UNetGenerator", "CoarseGenerator", "GENERATORS", "get_generator"]
 
 
 def _head_init(scale: float):
@@ -113,11 +113,46 @@ class UNetGenerator(nn.Module):
         return _head(out_ch, self.head_init_scale)(h)
 
 
-GENERATORS = {"small": SmallGenerator, "unet": UNetGenerator}
+class CoarseGenerator(nn.Module):
+    """A cheap generator for budgets that vary on a coarser grid than the pixels.
+
+    Average-pools the image by ``factor``, runs 3x3 SAME convs with ReLU and the small-initialised
+    1x1 head at that resolution, and resizes the raw log-budget map back to the image size
+    (bilinear; odd sizes work). Its cost is about ``1 / factor**2`` of :class:`SmallGenerator` with
+    the same features, so certified training with it costs little more than with uniform budgets
+    (see bench/README.md); the price is budgets that are smooth over ``factor`` pixels.
+
+    Attributes:
+      per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
+      factor: pooling factor of the working resolution.
+      features: channels of the 3x3 conv layers.
+      head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
+    """
+    per_pixel: bool = True
+    factor: int = 2
+    features: Tuple[int, ...] = (16, 16)
+    head_init_scale: float = 1e-2
+    input_mean: Optional[Tuple[float, ...]] = None
+    input_std: Optional[Tuple[float, ...]] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        _check_images(x)
+        out_ch = 1 if self.per_pixel else x.shape[-1]
+        h = _normalize(x, self.input_mean, self.input_std)
+        k = (self.factor, self.factor)
+        h = nn.avg_pool(h, k, strides=k, padding="SAME")
+        for i, f in enumerate(self.features):
+            h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
+        h = _head(out_ch, self.head_init_scale)(h)
+        return jax.image.resize(h, x.shape[:-1] + (out_ch,), method="bilinear")
+
+
+GENERATORS = {"small": SmallGenerator, "unet": UNetGenerator, "coarse": CoarseGenerator}
 
 
 def get_generator(name: str, per_pixel: bool = True, **kwargs) -> nn.Module:
-    """Generator by name ('small' or 'unet'); ``kwargs`` go to the module.
+    """Generator by name ('small', 'unet' or 'coarse'); ``kwargs`` go to the module.
 
     Raises:
       ValueError: unknown name (the message lists the valid names).

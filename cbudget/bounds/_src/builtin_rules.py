@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import primitives as P
 
-from cbudget.bounds._src import relaxations
+from cbudget.bounds._src import conv_transpose, relaxations
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.registry import (ActivationRule, Affine, LinearBounds, Registry, Relaxation,
                                           UnsupportedPrimitiveError, bounded_positions, is_box)
@@ -106,7 +106,11 @@ class BilinearRule:
 
   def linearize(self, args, params, evaluate, options):
     bounded = bounded_positions(args)
-    return Affine(bounded) if len(bounded) == 1 else None
+    if len(bounded) != 1:
+      return None
+    if self.name == "conv_general_dilated" and bounded == (0,) and conv_transpose.supports(params):
+      return Affine(bounded, conv_transpose.transpose_rows(evaluate, params, *args))
+    return Affine(bounded)
 
 
 @dataclasses.dataclass(frozen=True)

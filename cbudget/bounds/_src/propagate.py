@@ -23,9 +23,16 @@ from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiv
 
 
 def _contract(lam, value):
-  """``sum(lam * value)`` per row and example: ``[R, N, ...] x [N, ...] -> [R, N]``."""
-  prod = lam * jnp.broadcast_to(value, lam.shape[1:])
-  return prod.sum(axis=tuple(range(2, prod.ndim)))
+  """``sum(lam * value)`` per row and example: ``[R, N, ...] x [N, ...] -> [R, N]``.
+
+  A batched matrix-vector product rather than a broadcast multiply and sum: XLA's CPU backend
+  materialises the broadcast ``value`` for every row, and its gradient w.r.t. ``value`` (a sum over
+  rows) is a slow reduction there; as a ``dot_general`` both are one pass over ``lam``.
+  """
+  r, n = lam.shape[:2]
+  value = jnp.broadcast_to(value, lam.shape[1:]).reshape(n, -1)
+  out = jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.astype(lam.dtype))
+  return out
 
 
 def _ibp_node(node: Node, args) -> list:
@@ -76,13 +83,15 @@ class Propagator:
       if isinstance(lin, Relaxation) and not relax:
         lin = None
       if isinstance(lin, Affine):
-        lin = self._affine_pullback(node.evaluate, args, lin.bounded)
+        lin = self._affine_pullback(node.evaluate, args, lin)
       self._linear[key] = lin
     return self._linear[key]
 
   @staticmethod
-  def _affine_pullback(evaluate, args, bounded):
-    """VJP of the node as a function of its bounded args, at zero: its value there is the offset."""
+  def _affine_pullback(evaluate, args, affine: Affine):
+    """The node's value with its bounded args at zero (the offset) and a pullback of row-stacked
+    coefficients: the rule's ``transpose`` if it has one, else JAX's VJP vmapped over rows."""
+    bounded = affine.bounded
 
     def fn(*values):
       full = list(args)
@@ -91,8 +100,10 @@ class Propagator:
       return evaluate(*full)
 
     zeros = [jnp.zeros(args[i].shape, args[i].dtype) for i in bounded]
+    if affine.transpose is not None:
+      return bounded, fn(*zeros), affine.transpose
     offsets, pullback = jax.vjp(fn, *zeros)
-    return bounded, offsets, pullback
+    return bounded, offsets, jax.vmap(pullback)
 
   def prepare(self, target: int, relax: bool = True):
     """Linearise every node the backward pass from ``target`` visits, in the current trace.
@@ -142,7 +153,7 @@ class Propagator:
         for lo, off in zip(out_lams, offsets):
           if lo is not None:
             bias += _contract(lo, off)
-        in_lams = jax.vmap(pullback)(cotangents)
+        in_lams = pullback(cotangents)
         for i, in_lam in zip(bounded, in_lams):
           self._accumulate(lams, node.inputs[i], in_lam)
     lam_x = lams.pop(self.input_id, None)

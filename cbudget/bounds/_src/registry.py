@@ -46,9 +46,16 @@ class LinearBounds(NamedTuple):
 
 
 class Affine(NamedTuple):
-  """The node is affine in its bounded inputs; ``bounded`` are their positions among the args."""
+  """The node is affine in its bounded inputs; ``bounded`` are their positions among the args.
+
+  The backward pass moves coefficients through the node with JAX's VJP (vmapped over rows) unless
+  ``transpose`` is given: a function from the outputs' row-stacked coefficients (a list, each
+  ``[R, N, ...]``) to the bounded inputs' (a list in the order of ``bounded``). A rule gives one
+  where it knows a cheaper transpose, or one whose gradient is cheaper (convolutions do).
+  """
 
   bounded: tuple[int, ...]
+  transpose: Callable[[list], list] | None = None
 
 
 class Relaxation(NamedTuple):
