@@ -1,10 +1,22 @@
-"""Timing helpers shared by the benchmarks: median wall-clock after compilation, peak memory."""
+"""What the benchmarks share: the benchmarked nets, median wall-clock after compilation, memory."""
 
 import resource
 import statistics
 import time
 
 import jax
+
+from cbudget.models import classifiers
+
+# The benchmarked nets: name -> (classifier constructor, input shape of one example). mlp and
+# cnn_small are the nets of the auto_LiRPA reference numbers in the README.
+NETS = {
+    "mlp": (lambda: classifiers.MLP(10, hidden=(256, 256)), (28, 28, 1)),
+    "cnn_small": (lambda: classifiers.PlainCNN(10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,),
+                                               padding=((1, 1), (1, 1))), (28, 28, 1)),
+    "dm_small": (lambda: classifiers.get_classifier("dm_small", 10), (28, 28, 1)),
+    "cnn7": (lambda: classifiers.get_classifier("cnn7", 10), (32, 32, 3)),
+}
 
 
 def time_fn(fn, *args, repeats: int = 20, warmup: int = 2):
@@ -39,3 +51,11 @@ def max_rss_mib():
 def device_description():
   d = jax.devices()[0]
   return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
+
+
+def device_peak_mib():
+  """Peak memory the first device has held so far, from its allocator (None where the backend does
+  not report it, e.g. CPU)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**20

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from bench.common import compiled_memory_bytes, device_description, time_fn
+from bench.common import NETS, compiled_memory_bytes, device_description, device_peak_mib, time_fn
 from cbudget.bounds import Box, crown
-from cbudget.models import classifiers
 from cbudget.objective import margin_spec
 from cbudget.train import TrainConfig, init_state, make_setup, make_train_step
 
@@ -30,15 +29,6 @@ flags.DEFINE_list("budgets", ["uniform", "contextual"], "Budget modes.")
 flags.DEFINE_list("generators", ["coarse", "small"], "Generators timed in contextual mode.")
 flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
 flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
-
-NETS = {  # name: (classifier, input shape)
-    "mlp": (lambda: classifiers.MLP(10, hidden=(256, 256)), (28, 28, 1)),
-    "cnn_small": (lambda: classifiers.PlainCNN(10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,),
-                                               padding=((1, 1), (1, 1))), (28, 28, 1)),
-    "dm_small": (lambda: classifiers.get_classifier("dm_small", 10), (28, 28, 1)),
-    "cnn7": (lambda: classifiers.get_classifier("cnn7", 10), (32, 32, 3)),
-}
-
 
 def clean_step_fn(setup):
   def loss_fn(params, batch_stats, x, y):
@@ -98,8 +88,10 @@ def bench_net(name):
     certify = jax.jit(lambda v: crown(f, "crown", chunk_size=4096, need_upper=False)(
         v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)).lower)
     seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
+    peak = device_peak_mib()
+    peak_s = "" if peak is None else f", device peak so far {peak:.0f} MiB"
     print(f"  {'full CROWN certification':28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
-          f"(batch {FLAGS.crown_batch}, chunk_size 4096)", flush=True)
+          f"(batch {FLAGS.crown_batch}, chunk_size 4096{peak_s})", flush=True)
 
 
 def main(argv):

@@ -79,7 +79,7 @@ def table(results_dir: str) -> str:
       with open(os.path.join(results_dir, fname)) as f:
         rows.append(json.load(f))
   head = ("| preset | data | model | budgets | ε₀ | epochs | clean | PGD | cert. IBP | cert. CROWN-IBP "
-          "| cert. CROWN* | AUROC | out/in | train s |\n|" + "---|" * 14)
+          "| cert. CROWN* | AUROC | out/in | train s | machine |\n|" + "---|" * 15)
   lines = [head]
   for r in rows:
     c = r["certified_error"]
@@ -89,7 +89,7 @@ def table(results_dir: str) -> str:
         f"| {r['preset']} | {r['dataset']} | {r['model']} | {r['budget_mode']} | {r['eps']:.4g} | "
         f"{r['epochs']} | {100 * r['clean_error']:.1f} | {100 * r['pgd_error']:.1f} | "
         + " | ".join(f"{100 * c[m]:.1f}" if m in c else "–" for m in ("ibp", "crown-ibp", "crown"))
-        + f" | {auroc} | {ratio} | {r['train_seconds']:.0f} |")
+        + f" | {auroc} | {ratio} | {r['train_seconds']:.0f} | {r['machine']} |")
   return "\n".join(lines) + "\n"
 
 
@@ -107,8 +107,8 @@ def main(argv):
           flush=True)
     atomic_write_text(os.path.join(FLAGS.results_dir, "README.md"),
                       "# Results\n\nErrors in %, on the first test examples (*full CROWN on fewer: see "
-                      "`certified_examples`); the JSON files hold budget statistics, commands and "
-                      f"the machine ({machine()}).\n\n" + table(FLAGS.results_dir))
+                      "`certified_examples`); the JSON files hold budget statistics and "
+                      "commands.\n\n" + table(FLAGS.results_dir))
   print(table(FLAGS.results_dir))
 
 

@@ -538,20 +538,31 @@ def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
 def test_mnist_canvas_places_digit_at_mask():
     base = small_base(8, 28, 28, 1)
     ds = data.make_canvas_dataset(base, "mnist_canvas", seed=5)
-    assert ds.images.shape == (8, 48, 48, 1) and ds.masks.shape == (8, 48, 48, 1)
+    assert ds.images.shape == (8, 56, 56, 1) and ds.masks.shape == (8, 56, 56, 1)
     assert ds.name == "mnist_canvas" and ds.num_classes == 10
     np.testing.assert_array_equal(ds.labels, base.labels)
     data.validate(ds)
     positions = set()
     for i in range(8):
         top, left, height, width = _mask_box(ds.masks[i])
-        assert (height, width) == (28, 28)
+        assert (height, width) == (28, 28) and top in (0, 28) and left in (0, 28)  # one of 2x2 slots
         np.testing.assert_array_equal(ds.images[i, top:top + 28, left:left + 28], base.images[i])
         positions.add((top, left))
         outside = ds.images[i][ds.masks[i] == 0]
         assert outside.max() <= 0.6  # distractors are dimmed copies of other digits
         assert (outside > 0.1).any()  # ... and some of them are visible (noise alone stays <= 0.1)
     assert len(positions) > 1
+
+
+def test_mnist_canvas_slots_are_equally_likely():
+    """Every slot holds the digit about equally often, so a fixed budget map cannot predict relevance."""
+    ds = data.make_canvas_dataset(small_base(400, 4, 4, 1), "mnist_canvas", seed=3)
+    frequency = ds.masks[..., 0].mean(axis=0)                # per pixel: share of canvases where relevant
+    assert frequency.shape == (8, 8)
+    np.testing.assert_allclose(frequency, 0.25, atol=0.06)
+    for slot in ([0, 0], [0, 4], [4, 0], [4, 4]):               # constant within each slot
+        block = frequency[slot[0]:slot[0] + 4, slot[1]:slot[1] + 4]
+        assert np.all(block == block[0, 0])
 
 
 def test_mnist_canvas_distractors_come_from_other_examples():
@@ -602,8 +613,8 @@ def test_canvas_carries_base_masks():
     base = small_base(4, 8, 8, 1)
     masks = np.zeros((4, 8, 8, 1), np.float32)
     masks[:, 2:5, 3:6] = 1
-    ds = data.make_canvas_dataset(base._replace(masks=masks), "mnist_canvas", seed=0, canvas_size=12)
-    assert ds.masks.shape == (4, 12, 12, 1)
+    ds = data.make_canvas_dataset(base._replace(masks=masks), "mnist_canvas", seed=0, grid=3)
+    assert ds.masks.shape == (4, 24, 24, 1)
     for i in range(4):
         assert _mask_box(ds.masks[i])[2:] == (3, 3)
         assert ds.masks[i].sum() == 9
@@ -614,8 +625,8 @@ def test_canvas_errors():
         data.make_canvas_dataset(small_base(3, 28, 28, 1), "tiles", seed=0)
     with pytest.raises(DataError, match="at least 2"):
         data.make_canvas_dataset(small_base(1, 28, 28, 1), "cifar_canvas", seed=0)
-    with pytest.raises(DataError, match="larger than the 48x48 canvas"):
-        data.make_canvas_dataset(small_base(3, 50, 50, 1), "mnist_canvas", seed=0)
+    with pytest.raises(DataError, match="grid >= 2"):
+        data.make_canvas_dataset(small_base(3, 28, 28, 1), "mnist_canvas", seed=0, grid=1)
     with pytest.raises(DataError, match="num_examples=4 but the base dataset has 3"):
         data.make_canvas_dataset(small_base(3, 28, 28, 1), "mnist_canvas", seed=0, num_examples=4)
 
@@ -625,7 +636,7 @@ def test_canvases_through_load(tmp_path):
     write_mnist(tmp_path / "mnist", "test", images, labels)
     write_cifar(tmp_path / "cifar10" / "cifar-10-batches-py", per_batch=2)
     m = data.load("mnist_canvas", "test", tmp_path, seed=1, num_examples=3)
-    assert m.images.shape == (3, 48, 48, 1) and m.labels.tolist() == labels[:3].tolist()
+    assert m.images.shape == (3, 56, 56, 1) and m.labels.tolist() == labels[:3].tolist()
     top, left, _, _ = _mask_box(m.masks[0])
     np.testing.assert_array_equal(m.images[0, top:top + 28, left:left + 28, 0], images[0] / np.float32(255))
     c = data.load("cifar_canvas", "train", tmp_path, seed=1)

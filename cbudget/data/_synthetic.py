@@ -86,20 +86,24 @@ def make_shapes(num_examples: int, seed: int | Sequence[int] = 0, *, image_size:
 # ----------------------------------------------------------------------------------------------------------
 
 CANVAS_KINDS = ("mnist_canvas", "cifar_canvas")
-MNIST_CANVAS_SIZE = 48
+MNIST_CANVAS_GRID = 2   # the canvas is a grid x grid array of image-sized slots
 _NUM_DISTRACTORS = 4  # crops of other digits per mnist canvas
 _DISTRACTOR_INTENSITY = (0.3, 0.6)
 _CANVAS_NOISE_MAX = 0.1
 
 
 def make_canvas_dataset(base: Dataset, kind: str, seed: int | Sequence[int] = 0, *,
-                        num_examples: int | None = None, canvas_size: int = MNIST_CANVAS_SIZE) -> Dataset:
+                        num_examples: int | None = None, grid: int = MNIST_CANVAS_GRID) -> Dataset:
     """Places every image of `base` on a larger canvas whose remaining area holds label-irrelevant content.
 
-    kind="mnist_canvas": each HxW image is pasted at a uniformly random position on a
-      `canvas_size` x `canvas_size` canvas. The rest of the canvas holds clutter: random (H/2)x(W/2) crops of
-      *other* examples of `base` at intensity 0.3-0.6 and uniform noise <= 0.1. The clutter is cleared from
-      the pasted square, so that square holds exactly the labelled image and nothing else.
+    kind="mnist_canvas": the canvas is a `grid` x `grid` array of HxW slots ((grid*H) x (grid*W) pixels) and
+      each image goes to a uniformly random slot. The rest of the canvas holds clutter: random (H/2)x(W/2)
+      crops of *other* examples of `base` at intensity 0.3-0.6, anywhere, and uniform noise <= 0.1. The
+      clutter is cleared from the chosen slot, so it holds exactly the labelled image and nothing else.
+      Every pixel is relevant in exactly 1/grid**2 of the layouts, so no fixed budget map (``global`` mode)
+      can predict relevance: its expected AUROC is exactly 0.5, and only a map that looks at the image can
+      do better. (A free position on a plain larger canvas would not do: the centre would be covered more
+      often than the border, which a fixed map can learn.)
     kind="cifar_canvas": each HxW image goes to the left or right half (fair coin) of an H x 2W canvas; the
       other half holds another random example of `base`.
 
@@ -121,7 +125,7 @@ def make_canvas_dataset(base: Dataset, kind: str, seed: int | Sequence[int] = 0,
     base_masks = base.masks if base.masks is not None else np.ones(base.images.shape[:3] + (1,), np.float32)
     rng = np.random.default_rng(seed)
     if kind == "mnist_canvas":
-        images, masks = _paste_canvas(base.images, base_masks, rng, m, canvas_size)
+        images, masks = _paste_canvas(base.images, base_masks, rng, m, grid)
     else:
         images, masks = _side_by_side_canvas(base.images, base_masks, rng, m)
     return Dataset(images=images, labels=base.labels[:m].copy(), masks=masks, num_classes=base.num_classes,
@@ -134,27 +138,27 @@ def _other_indices(rng: np.random.Generator, n: int, size: tuple[int, ...]) -> n
 
 
 def _paste_canvas(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, m: int,
-                  canvas_size: int) -> tuple[np.ndarray, np.ndarray]:
+                  grid: int) -> tuple[np.ndarray, np.ndarray]:
     n, h, w, c = images.shape
-    if h > canvas_size or w > canvas_size:
-        raise DataError(f"mnist_canvas: base images are {h}x{w}, larger than the {canvas_size}x{canvas_size} "
-                        "canvas; pass a larger canvas_size")
+    if grid < 2:
+        raise DataError(f"mnist_canvas: grid={grid}, but a canvas needs at least 2x2 slots (grid >= 2)")
+    canvas_h, canvas_w = grid * h, grid * w
     crop_h, crop_w = max(1, h // 2), max(1, w // 2)
     k = _NUM_DISTRACTORS
     # Draw everything for all n examples first (see make_canvas_dataset), then use the first m.
-    rows = rng.integers(0, canvas_size - h + 1, size=n)[:m]
-    cols = rng.integers(0, canvas_size - w + 1, size=n)[:m]
+    slots = rng.integers(0, grid * grid, size=n)[:m]
+    rows, cols = (slots // grid) * h, (slots % grid) * w
     sources = _other_indices(rng, n, (k, n))[:, :m]
     # Crops come from the central part of the source, where strokes are, rather than the empty border.
     src_rows = rng.integers(h // 8, h - crop_h - h // 8 + 1, size=(k, n))[:, :m]
     src_cols = rng.integers(w // 8, w - crop_w - w // 8 + 1, size=(k, n))[:, :m]
-    dst_rows = rng.integers(0, canvas_size - crop_h + 1, size=(k, n))[:, :m]
-    dst_cols = rng.integers(0, canvas_size - crop_w + 1, size=(k, n))[:, :m]
+    dst_rows = rng.integers(0, canvas_h - crop_h + 1, size=(k, n))[:, :m]
+    dst_cols = rng.integers(0, canvas_w - crop_w + 1, size=(k, n))[:, :m]
     strength = rng.uniform(*_DISTRACTOR_INTENSITY, size=(k, n)).astype(np.float32)[:, :m]
     # Uniform draws consume the stream one value at a time in C order, so a fresh generator's first m
     # canvases of noise are the same whatever m is; this avoids drawing noise for unrendered examples.
     noise_rng = np.random.default_rng(rng.integers(0, 2**63))
-    canvas = noise_rng.random((m, canvas_size, canvas_size, c), dtype=np.float32)
+    canvas = noise_rng.random((m, canvas_h, canvas_w, c), dtype=np.float32)
     canvas *= np.float32(_CANVAS_NOISE_MAX)
 
     for j in range(k):
@@ -162,7 +166,7 @@ def _paste_canvas(images: np.ndarray, masks: np.ndarray, rng: np.random.Generato
         _paste(canvas, crops * strength[j, :, None, None, None], dst_rows[j], dst_cols[j], combine=np.maximum)
     # Pasting overwrites the whole HxW square, which removes any clutter that fell on it.
     _paste(canvas, images[:m], rows, cols)
-    canvas_masks = np.zeros((m, canvas_size, canvas_size, 1), np.float32)
+    canvas_masks = np.zeros((m, canvas_h, canvas_w, 1), np.float32)
     _paste(canvas_masks, masks[:m], rows, cols)
     return canvas, canvas_masks
 
