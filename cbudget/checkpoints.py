@@ -140,14 +140,21 @@ class MetricsLog:
       self._tb.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON objects of a JSON-lines file, skipping blank and half-written lines (a training job
+  may be writing the last line while we read); [] if the file does not exist."""
   records = []
   if os.path.exists(path):
     with open(path) as f:
       for line in f:
         try:
-          records.append(json.loads(line))
+          record = json.loads(line)
         except json.JSONDecodeError:
           continue
+        if isinstance(record, dict):
+          records.append(record)
   return records
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  return read_jsonl(os.path.join(workdir, "metrics.jsonl"))

@@ -10,7 +10,6 @@ object-oriented ``Figure`` API, so they work headless and leave no global pyplot
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -21,6 +20,8 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from cbudget.checkpoints import read_jsonl  # noqa: E402
 
 Array = Any
 
@@ -143,28 +144,6 @@ def plot_budget_grid(
     return path
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    """Reads JSON-lines records with a ``step``; skips blank and malformed lines.
-
-    Malformed lines are tolerated because a training job may be writing the
-    last line while we read.
-    """
-    records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "step" in rec:
-                records.append(rec)
-    records.sort(key=lambda r: r["step"])
-    return records
-
-
 def _series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) for records where ``key`` is a finite number."""
     steps, values = [], []
@@ -187,7 +166,7 @@ def plot_training_curves(metrics_jsonl_path: str, path: str) -> str:
     Returns:
       ``path``.
     """
-    records = _read_jsonl(metrics_jsonl_path)
+    records = sorted((r for r in read_jsonl(metrics_jsonl_path) if "step" in r), key=lambda r: r["step"])
     present = {k for rec in records for k in rec}
     error_keys = [k for k in _ERROR_KEYS if k in present] + sorted(
         k for k in present if k.endswith("_error") and k not in _ERROR_KEYS

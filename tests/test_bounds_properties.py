@@ -1,6 +1,5 @@
 """Exactness, the orderings that are theorems (see shared/design/bound-facts.md), gradients, jit, vmap."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp

@@ -8,7 +8,6 @@ import time
 
 import chex
 import jax
-import numpy as np
 import pytest
 
 from cbudget import checkpoints

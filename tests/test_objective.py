@@ -12,7 +12,7 @@ from cbudget import budgets
 from cbudget.bounds import Box, crown, ibp
 from cbudget.models import classifiers
 from cbudget.models.generators import SmallGenerator
-from cbudget.objective import certified_objective, margin_spec, robust_cross_entropy
+from cbudget.objective import certified_objective, margin_spec
 
 
 class TinyNet(nn.Module):

@@ -1,9 +1,5 @@
 """End to end: a few training steps on the embedded data, evaluation, resume, bad settings."""
 
-import dataclasses
-import json
-import os
-
 import chex
 import jax
 import numpy as np

@@ -27,11 +27,12 @@ from jax import lax
 
 def supports(params) -> bool:
   """Whether :func:`transpose_rows` handles a ``conv_general_dilated`` with these params: no input
-  dilation, no feature or batch groups, batch as the leading axis (what Flax's ``nn.Conv`` emits for
-  ungrouped layers). Other convolutions use JAX's own VJP."""
+  dilation, no feature or batch groups, batch as the leading axis, no mixed-precision output (what
+  Flax's ``nn.Conv`` emits for ungrouped layers). Other convolutions use JAX's own VJP."""
   dn = params["dimension_numbers"]
   return (all(d == 1 for d in params["lhs_dilation"]) and params["feature_group_count"] == 1
-          and params["batch_group_count"] == 1 and dn.lhs_spec[0] == 0 and dn.out_spec[0] == 0)
+          and params["batch_group_count"] == 1 and dn.lhs_spec[0] == 0 and dn.out_spec[0] == 0
+          and params.get("preferred_element_type") is None)
 
 
 def _to_channels_last(x, spec):
