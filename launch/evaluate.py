@@ -23,11 +23,15 @@ flags.DEFINE_integer("crown_chunk_size", None,
                      "(Neuron row, example) pairs per full-CROWN backward pass; default: "
                      "as many as fit --crown_memory_gib.")
 flags.DEFINE_float("crown_memory_gib", 2.0, "Memory for one full-CROWN backward pass.")
+flags.DEFINE_integer("crown_examples", None,
+                     "Full CROWN (the slowest method) on the first N of the examples only.")
 flags.DEFINE_bool("x64", False, "Also certify in float64 and report float32-only certificates.")
 flags.DEFINE_bool("plot", True, "Write budgets.png (images next to their budget maps).")
 
 flags.register_validator("num_examples", lambda v: v >= 0, "--num_examples must be >= 0")
 flags.register_validator("pgd_steps", lambda v: v >= 1, "--pgd_steps must be >= 1")
+flags.register_validator("crown_examples", lambda v: v is None or v >= 1,
+                         "--crown_examples must be >= 1")
 
 
 def main(argv):
@@ -38,7 +42,8 @@ def main(argv):
                      methods=tuple(FLAGS.methods), batch_size=FLAGS.batch_size,
                      pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
                      crown_chunk_size=FLAGS.crown_chunk_size,
-                     crown_memory_gib=FLAGS.crown_memory_gib, x64=FLAGS.x64)
+                     crown_memory_gib=FLAGS.crown_memory_gib, crown_examples=FLAGS.crown_examples,
+                     x64=FLAGS.x64)
   samples = results.pop("samples")
   atomic_write_text(os.path.join(FLAGS.workdir, "eval.json"), json.dumps(results, indent=2) + "\n")
   print(f"{results['dataset']} / {results['model']} / {results['budget_mode']} budgets, "

@@ -68,7 +68,9 @@ def run_preset(name: str) -> dict:
                           + (f" --num_train_examples {FLAGS.num_train_examples}"
                              if FLAGS.num_train_examples else "")
                           + f" && python -m launch.evaluate --workdir W --num_examples "
-                          f"{FLAGS.num_examples}"))
+                          f"{FLAGS.num_examples} --crown_examples {FLAGS.crown_examples}"
+                          + (f" --methods {','.join(FLAGS.methods)}"
+                             if tuple(FLAGS.methods) != ("ibp", "crown-ibp", "crown") else "")))
   return results
 
 

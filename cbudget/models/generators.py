@@ -126,14 +126,11 @@ class CoarseGenerator(nn.Module):
       per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
       factor: pooling factor of the working resolution.
       features: channels of the 3x3 conv layers.
-      coordinates: append the pixel's normalised row and column as two input channels
-        ("CoordConv"), so budgets can depend on where a pixel is, not only on what is around it.
       head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
     """
     per_pixel: bool = True
     factor: int = 2
     features: Tuple[int, ...] = (16, 16)
-    coordinates: bool = False
     head_init_scale: float = 1e-2
     input_mean: Optional[Tuple[float, ...]] = None
     input_std: Optional[Tuple[float, ...]] = None
@@ -145,11 +142,6 @@ class CoarseGenerator(nn.Module):
         h = _normalize(x, self.input_mean, self.input_std)
         k = (self.factor, self.factor)
         h = nn.avg_pool(h, k, strides=k, padding="SAME")
-        if self.coordinates:
-            rows, cols = jnp.meshgrid(jnp.linspace(-1, 1, h.shape[1]), jnp.linspace(-1, 1, h.shape[2]),
-                                      indexing="ij")
-            grid = jnp.broadcast_to(jnp.stack([rows, cols], -1).astype(h.dtype), h.shape[:3] + (2,))
-            h = jnp.concatenate([h, grid], axis=-1)
         for i, f in enumerate(self.features):
             h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
         h = _head(out_ch, self.head_init_scale)(h)
