@@ -27,6 +27,7 @@ flags.DEFINE_integer("batch", 128, "Batch size.")
 flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
 flags.DEFINE_list("budgets", ["uniform", "contextual"], "Budget modes.")
 flags.DEFINE_list("generators", ["coarse", "small"], "Generators timed in contextual mode.")
+flags.DEFINE_bool("train_steps", True, "Time the training steps.")
 flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
 flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
 
@@ -59,6 +60,8 @@ def bench_net(name):
   print(f"\n{name} {shape} batch {FLAGS.batch} on {device_description()}  (median ms per step)")
   clean_ms = None
   runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
+  if not FLAGS.train_steps:
+    runs = []
   for budget, generator in runs:
     for method in ("clean", "ibp", "crown-ibp"):
       if method == "clean" and (budget, generator) != runs[0]:
