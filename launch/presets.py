@@ -10,7 +10,7 @@ _BASE = {
     "mnist": dict(dataset="mnist", model="dm_small", generator="coarse", budget_range="0.25,4",
                   method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
                   kappa_end=0.0),
-    "cifar": dict(dataset="cifar10", model="dm_small", generator="unet", budget_range="0.25,4",
+    "cifar": dict(dataset="cifar10", model="dm_small", generator="coarse", budget_range="0.25,4",
                   method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
                   kappa_end=0.0),
     # The canvases are harder to learn than the plain datasets: a longer clean warm-up, and half the
@@ -18,7 +18,7 @@ _BASE = {
     "mnist_canvas": dict(dataset="mnist_canvas", model="dm_small", generator="coarse",
                          budget_range="0.1,10", method="ibp", batch_size=100, eps=0.1,
                          warmup_fraction=0.2, ramp_fraction=0.5, kappa_end=0.5),
-    "cifar_canvas": dict(dataset="cifar_canvas", model="dm_small", generator="unet",
+    "cifar_canvas": dict(dataset="cifar_canvas", model="dm_small", generator="coarse",
                          budget_range="0.1,10", method="ibp", batch_size=100, eps=2 / 255,
                          warmup_fraction=0.2, ramp_fraction=0.5, kappa_end=0.5),
 }

@@ -90,6 +90,7 @@ MNIST_CANVAS_GRID = 2   # the canvas is a grid x grid array of image-sized slots
 _NUM_DISTRACTORS = 4  # crops of other digits per mnist canvas
 _DISTRACTOR_INTENSITY = (0.3, 0.6)
 _CANVAS_NOISE_MAX = 0.1
+_CIFAR_OTHER_INTENSITY = 0.5  # the irrelevant half of a cifar canvas is another image, dimmed
 
 
 def make_canvas_dataset(base: Dataset, kind: str, seed: int | Sequence[int] = 0, *,
@@ -105,7 +106,8 @@ def make_canvas_dataset(base: Dataset, kind: str, seed: int | Sequence[int] = 0,
       do better. (A free position on a plain larger canvas would not do: the centre would be covered more
       often than the border, which a fixed map can learn.)
     kind="cifar_canvas": each HxW image goes to the left or right half (fair coin) of an H x 2W canvas; the
-      other half holds another random example of `base`.
+      other half holds another random example of `base`, dimmed to half intensity: that is what marks it as
+      irrelevant (two equally bright images would leave the label ambiguous).
 
     The mask is the region where the labelled image sits (if `base` has masks, the base mask moved there).
     Distractors are always other examples (index != i), never the labelled image itself.
@@ -181,6 +183,8 @@ def _side_by_side_canvas(images: np.ndarray, masks: np.ndarray, rng: np.random.G
     canvas = np.empty((m, h, 2 * w, c), np.float32)
     canvas[:, :, :w] = images[np.where(on_left, own, others)]
     canvas[:, :, w:] = images[np.where(on_left, others, own)]
+    canvas[~on_left, :, :w] *= np.float32(_CIFAR_OTHER_INTENSITY)
+    canvas[on_left, :, w:] *= np.float32(_CIFAR_OTHER_INTENSITY)
     canvas_masks = np.zeros((m, h, 2 * w, 1), np.float32)
     side = on_left[:, None, None, None]
     canvas_masks[:, :, :w] = np.where(side, masks[:m], 0.0)
