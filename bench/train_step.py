@@ -4,8 +4,8 @@ r"""Benchmark: certified training steps against a clean training step.
 
 For each net: the median wall-clock (over --steps calls after compilation) of a clean step, an IBP
 step and a CROWN-IBP step (SGD-style: loss, gradient, Adam update), with uniform boxes and with
-contextual generators (``--generators``), and the ratio of each to the clean step; XLA's planned memory per step; and
-the throughput of full-CROWN certification. mlp and cnn_small are the nets of the auto_LiRPA
+contextual generators (``--generators``), and the ratio of each to the clean step; XLA's planned
+memory per step; and the throughput of full-CROWN certification. mlp and cnn_small are the nets of the auto_LiRPA
 reference numbers in the README (there: torch CPU, batch 128, 2 threads).
 """
 
@@ -60,13 +60,13 @@ def bench_net(name):
   print(f"\n{name} {shape} batch {FLAGS.batch} on {device_description()}  (median ms per step)")
   clean_ms = None
   runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
-  if not FLAGS.train_steps:
-    runs = []
+  runs = runs if FLAGS.train_steps else []
   for budget, generator in runs:
     for method in ("clean", "ibp", "crown-ibp"):
       if method == "clean" and (budget, generator) != runs[0]:
         continue
-      config = TrainConfig(workdir="unused", model="mlp", budget=budget, generator=generator or "coarse",
+      config = TrainConfig(workdir="unused", model="mlp", budget=budget,
+                           generator=generator or "coarse",
                            method="ibp" if method == "clean" else method, eps=0.1,
                            batch_size=FLAGS.batch, steps=1000, warmup_fraction=0.0,
                            ramp_fraction=0.0)

@@ -31,8 +31,7 @@ def _contract(lam, value):
   """
   r, n = lam.shape[:2]
   value = jnp.broadcast_to(value, lam.shape[1:]).reshape(n, -1)
-  out = jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.astype(lam.dtype))
-  return out
+  return jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.astype(lam.dtype))
 
 
 def _ibp_node(node: Node, args) -> list:
