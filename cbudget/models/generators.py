@@ -36,6 +36,17 @@ def _head(out_channels: int, scale: float) -> nn.Module:
                    bias_init=nn.initializers.zeros_init(), name="head")
 
 
+def _conv_stack(h: jax.Array, features: Sequence[int], out_channels: int,
+                head_init_scale: float) -> jax.Array:
+    """3x3 SAME convs with ReLU (``conv0``, ``conv1``, ...), then the small-initialised 1x1 head.
+
+    Called inside a generator's compact ``__call__``: the layers become that generator's submodules.
+    """
+    for i, f in enumerate(features):
+        h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
+    return _head(out_channels, head_init_scale)(h)
+
+
 def _normalize(x: jax.Array, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> jax.Array:
     """``(x - mean) / std`` per channel; identity for the missing parts."""
     if mean is not None:
@@ -71,9 +82,7 @@ class SmallGenerator(nn.Module):
         _check_images(x)
         out_ch = 1 if self.per_pixel else x.shape[-1]
         h = _normalize(x, self.input_mean, self.input_std)
-        for i, f in enumerate(self.features):
-            h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
-        return _head(out_ch, self.head_init_scale)(h)
+        return _conv_stack(h, self.features, out_ch, self.head_init_scale)
 
 
 class UNetGenerator(nn.Module):
@@ -142,9 +151,7 @@ class CoarseGenerator(nn.Module):
         h = _normalize(x, self.input_mean, self.input_std)
         k = (self.factor, self.factor)
         h = nn.avg_pool(h, k, strides=k, padding="SAME")
-        for i, f in enumerate(self.features):
-            h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
-        h = _head(out_ch, self.head_init_scale)(h)
+        h = _conv_stack(h, self.features, out_ch, self.head_init_scale)
         return jax.image.resize(h, x.shape[:-1] + (out_ch,), method="bilinear")
 
 
