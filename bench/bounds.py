@@ -28,10 +28,12 @@ flags.DEFINE_integer("chunk_size", 4096, "Rows per full-CROWN backward pass on c
 
 def nets():
   # cnn_small: the auto_LiRPA reference net (conv 16 4x4 s2 p1, conv 32 4x4 s2 p1, dense 100, 10).
-  small = classifiers.PlainCNN(10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,), padding=((1, 1), (1, 1)))
+  small = classifiers.PlainCNN(
+    10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,), padding=((1, 1), (1, 1))
+  )
   return {
-      "cnn_small": (small, (28, 28, 1)),
-      "cnn7": (classifiers.get_classifier("cnn7", 10), (32, 32, 3)),
+    "cnn_small": (small, (28, 28, 1)),
+    "cnn7": (classifiers.get_classifier("cnn7", 10), (32, 32, 3)),
   }
 
 
@@ -43,8 +45,8 @@ def bench_net(name, model, shape, batch):
   spec = margin_spec(y, 10)
   eps = jnp.full(x.shape, 2 / 255)
   methods = {
-      "ibp": lambda v, e: ibp(f)(v, Box.from_budget(x, e), spec).lower,
-      "crown-ibp": lambda v, e: crown(f, need_upper=False)(v, Box.from_budget(x, e), spec).lower,
+    "ibp": lambda v, e: ibp(f)(v, Box.from_budget(x, e), spec).lower,
+    "crown-ibp": lambda v, e: crown(f, need_upper=False)(v, Box.from_budget(x, e), spec).lower,
   }
   forward = jax.jit(lambda v: f(v, x))
   t_fwd, _ = time_fn(forward, variables, repeats=FLAGS.repeats)
@@ -65,11 +67,16 @@ def bench_net(name, model, shape, batch):
   crown_batch = batch if name != "cnn7" else FLAGS.crown_batch
   chunk = None if name != "cnn7" else FLAGS.chunk_size
   xb, specb = x[:crown_batch], spec[:crown_batch]
-  full = jax.jit(lambda v, e: crown(f, "crown", chunk_size=chunk, need_upper=False)(
-      v, Box.from_budget(xb, e), specb).lower)
+  full = jax.jit(
+    lambda v, e: (
+      crown(f, "crown", chunk_size=chunk, need_upper=False)(v, Box.from_budget(xb, e), specb).lower
+    )
+  )
   t, _ = time_fn(full, variables, eps[:crown_batch], repeats=max(1, FLAGS.repeats // 5), warmup=1)
-  print(f"  {'crown (full), batch %d' % crown_batch:28s} {1e3 * t:9.2f} ms  "
-        f"({crown_batch / t:.2f} images/s)")
+  print(
+    f"  {f'crown (full), batch {crown_batch}':28s} {1e3 * t:9.2f} ms  "
+    f"({crown_batch / t:.2f} images/s)"
+  )
 
 
 def main(argv):

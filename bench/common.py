@@ -11,11 +11,15 @@ from cbudget.models import classifiers
 # The benchmarked nets: name -> (classifier constructor, input shape of one example). mlp and
 # cnn_small are the nets of the auto_LiRPA reference numbers in the README.
 NETS = {
-    "mlp": (lambda: classifiers.MLP(10, hidden=(256, 256)), (28, 28, 1)),
-    "cnn_small": (lambda: classifiers.PlainCNN(10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,),
-                                               padding=((1, 1), (1, 1))), (28, 28, 1)),
-    "dm_small": (lambda: classifiers.get_classifier("dm_small", 10), (28, 28, 1)),
-    "cnn7": (lambda: classifiers.get_classifier("cnn7", 10), (32, 32, 3)),
+  "mlp": (lambda: classifiers.MLP(10, hidden=(256, 256)), (28, 28, 1)),
+  "cnn_small": (
+    lambda: classifiers.PlainCNN(
+      10, convs=((16, 4, 2), (32, 4, 2)), dense=(100,), padding=((1, 1), (1, 1))
+    ),
+    (28, 28, 1),
+  ),
+  "dm_small": (lambda: classifiers.get_classifier("dm_small", 10), (28, 28, 1)),
+  "cnn7": (lambda: classifiers.get_classifier("cnn7", 10), (32, 32, 3)),
 }
 
 
@@ -35,12 +39,13 @@ def compiled_memory_bytes(jitted, *args):
   """Peak temporary + argument + output bytes XLA plans for one call (None if unavailable)."""
   try:
     analysis = jitted.lower(*args).compile().memory_analysis()
-  except Exception:   # not every backend reports it
+  except Exception:  # not every backend reports it
     return None
   if analysis is None:
     return None
-  return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes +
-          analysis.output_size_in_bytes)
+  return (
+    analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+  )
 
 
 def max_rss_mib():

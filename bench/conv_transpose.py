@@ -22,8 +22,10 @@ flags.DEFINE_integer("steps", 20, "Timed calls (median reported).")
 def main(argv):
   del argv
   supports = conv_transpose.supports
-  print(f"CROWN-IBP lower bound + gradient w.r.t. params, batch {FLAGS.batch}, on "
-        f"{device_description()} (median ms)")
+  print(
+    f"CROWN-IBP lower bound + gradient w.r.t. params, batch {FLAGS.batch}, on "
+    f"{device_description()} (median ms)"
+  )
   for name in FLAGS.nets:
     make_model, shape = NETS[name]
     model = make_model()
@@ -31,16 +33,22 @@ def main(argv):
     y = jnp.arange(FLAGS.batch) % 10
     variables = model.init(jax.random.key(1), x[:1])
     f = lambda v, z: model.apply(v, z, train=False)
-    loss = lambda v: jnp.sum(jax.nn.softplus(-crown(f, need_upper=False)(
-        v, Box.from_budget(x, 0.01), margin_spec(y, 10)).lower))
+    loss = lambda v: jnp.sum(
+      jax.nn.softplus(
+        -crown(f, need_upper=False)(v, Box.from_budget(x, 0.01), margin_spec(y, 10)).lower
+      )
+    )
     times = []
     for custom in (True, False):
       # The switch is read when the bound is traced: each jit below compiles its own version.
       conv_transpose.supports = supports if custom else (lambda params: False)
       times.append(1e3 * time_fn(jax.jit(jax.grad(loss)), variables, repeats=FLAGS.steps)[0])
     conv_transpose.supports = supports
-    print(f"  {name:10s} custom kernel gradient {times[0]:9.2f}   JAX's derivation {times[1]:9.2f}"
-          f"   ({times[1] / times[0]:.1f}x)", flush=True)
+    print(
+      f"  {name:10s} custom kernel gradient {times[0]:9.2f}   JAX's derivation {times[1]:9.2f}"
+      f"   ({times[1] / times[0]:.1f}x)",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

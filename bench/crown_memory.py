@@ -19,8 +19,9 @@ from bench.common import compiled_memory_bytes, device_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 32, "Batch size.")
-flags.DEFINE_list("chunk_sizes", ["2048", "4096", "8192"],
-                  "(Row, example) pairs per backward pass ('none': all).")
+flags.DEFINE_list(
+  "chunk_sizes", ["2048", "4096", "8192"], "(Row, example) pairs per backward pass ('none': all)."
+)
 
 
 def main(argv):
@@ -33,8 +34,13 @@ def main(argv):
   print(f"full CROWN, cnn7, batch {FLAGS.batch}, on {device_description()}")
   for c in FLAGS.chunk_sizes:
     chunk = None if c == "none" else int(c)
-    bound = jax.jit(lambda v: crown(f, "crown", chunk_size=chunk, need_upper=False)(
-        v, Box.from_budget(x, 2 / 255), margin_spec(y, 10)).lower)
+    bound = jax.jit(
+      lambda v: (
+        crown(f, "crown", chunk_size=chunk, need_upper=False)(
+          v, Box.from_budget(x, 2 / 255), margin_spec(y, 10)
+        ).lower
+      )
+    )
     mem = compiled_memory_bytes(bound, variables)
     shown = "n/a" if mem is None else f"{mem / 2**30:8.2f} GiB"
     print(f"  chunk_size {c:>6}: planned peak {shown}", flush=True)

@@ -31,12 +31,14 @@ flags.DEFINE_bool("train_steps", True, "Time the training steps.")
 flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
 flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
 
+
 def clean_step_fn(setup):
   def loss_fn(params, batch_stats, x, y):
     variables = {"params": params["classifier"]}
     if batch_stats is not None:
-      logits, new = setup.classifier.apply({**variables, "batch_stats": batch_stats}, x,
-                                           train=True, mutable=["batch_stats"])
+      logits, new = setup.classifier.apply(
+        {**variables, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
       batch_stats = new["batch_stats"]
     else:
       logits = setup.classifier.apply(variables, x)
@@ -45,10 +47,12 @@ def clean_step_fn(setup):
   @jax.jit
   def step(state, x, y):
     (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, y)
+      state.params, state.batch_stats, x, y
+    )
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
-    return state._replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                          batch_stats=stats), loss
+    return state._replace(
+      params=optax.apply_updates(state.params, updates), opt_state=opt_state, batch_stats=stats
+    ), loss
 
   return step
 
@@ -65,11 +69,18 @@ def bench_net(name):
     for method in ("clean", "ibp", "crown-ibp"):
       if method == "clean" and (budget, generator) != runs[0]:
         continue
-      config = TrainConfig(workdir="unused", model="mlp", budget=budget,
-                           generator=generator or "coarse",
-                           method="ibp" if method == "clean" else method, eps=0.1,
-                           batch_size=FLAGS.batch, steps=1000, warmup_fraction=0.0,
-                           ramp_fraction=0.0)
+      config = TrainConfig(
+        workdir="unused",
+        model="mlp",
+        budget=budget,
+        generator=generator or "coarse",
+        method="ibp" if method == "clean" else method,
+        eps=0.1,
+        batch_size=FLAGS.batch,
+        steps=1000,
+        warmup_fraction=0.0,
+        ramp_fraction=0.0,
+      )
       setup = make_setup(config, 10, steps_per_epoch=1000)
       setup = dataclasses.replace(setup, classifier=make_model())
       state = init_state(setup, config, x[:1])
@@ -85,16 +96,24 @@ def bench_net(name):
       print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}", flush=True)
   if FLAGS.full_crown:
     model = make_model()
-    xb, yb = x[:FLAGS.crown_batch], y[:FLAGS.crown_batch]
+    xb, yb = x[: FLAGS.crown_batch], y[: FLAGS.crown_batch]
     variables = model.init(jax.random.key(1), xb[:1])
     f = lambda v, z: model.apply(v, z, train=False)
-    certify = jax.jit(lambda v: crown(f, "crown", chunk_size=4096, need_upper=False)(
-        v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)).lower)
+    certify = jax.jit(
+      lambda v: (
+        crown(f, "crown", chunk_size=4096, need_upper=False)(
+          v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)
+        ).lower
+      )
+    )
     seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
     peak = device_peak_mib()
     peak_s = "" if peak is None else f", device peak so far {peak:.0f} MiB"
-    print(f"  {'full CROWN certification':28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
-          f"(batch {FLAGS.crown_batch}, chunk_size 4096{peak_s})", flush=True)
+    print(
+      f"  {'full CROWN certification':28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
+      f"(batch {FLAGS.crown_batch}, chunk_size 4096{peak_s})",
+      flush=True,
+    )
 
 
 def main(argv):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -54,8 +54,10 @@ def check_or_write_config(workdir: str, config: dict, identity: Sequence[str]):
     diffs = [k for k in identity if old.get(k) != config.get(k)]
     if diffs:
       detail = ", ".join(f"--{k}={old.get(k)!r} there vs {config.get(k)!r} now" for k in diffs)
-      raise ValueError(f"workdir {workdir} holds a run with different settings ({detail}); use "
-                       "another --workdir, or the same flags to resume that run")
+      raise ValueError(
+        f"workdir {workdir} holds a run with different settings ({detail}); use "
+        "another --workdir, or the same flags to resume that run"
+      )
   atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -72,8 +74,9 @@ class Manager:
 
   def __init__(self, workdir: str, max_to_keep: int = 2):
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=False)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+    )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state):
@@ -106,8 +109,9 @@ class MetricsLog:
     self._file = open(self.path, "a")
     try:
       from tensorboardX import SummaryWriter
+
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-    except ImportError:   # TensorBoard output is optional; the JSON lines are the record.
+    except ImportError:  # TensorBoard output is optional; the JSON lines are the record.
       self._tb = None
 
   def _truncate_after(self, step: int):
@@ -119,7 +123,7 @@ class MetricsLog:
         try:
           record = json.loads(line)
         except json.JSONDecodeError:
-          continue     # a half-written line from a killed run
+          continue  # a half-written line from a killed run
         if isinstance(record, dict) and record.get("step", 0) <= step:
           kept.append(json.dumps(record) + "\n")
     atomic_write_text(self.path, "".join(kept))

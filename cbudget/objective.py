@@ -6,7 +6,8 @@ and the clean logits) and the budget model (through ε: the bounds are different
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,10 @@ def margin_spec(labels, num_classes: int, dtype=jnp.float32):
   A lower bound > 0 on every row certifies that the logit of ``y`` beats all others.
   """
   eye = jnp.eye(num_classes, dtype=dtype)
-  rows = eye[labels][:, None, :] - eye[None, :, :]                 # [N, K, K], row y is zero
-  others = jnp.argsort(jnp.arange(num_classes)[None, :] == labels[:, None], axis=1,
-                       stable=True)[:, : num_classes - 1]           # the K-1 indices j != y
+  rows = eye[labels][:, None, :] - eye[None, :, :]  # [N, K, K], row y is zero
+  others = jnp.argsort(jnp.arange(num_classes)[None, :] == labels[:, None], axis=1, stable=True)[
+    :, : num_classes - 1
+  ]  # the K-1 indices j != y
   return jnp.take_along_axis(rows, others[:, :, None], axis=1)
 
 
@@ -42,8 +44,16 @@ def robust_cross_entropy(margin_lower, labels, num_classes: int):
   return optax.softmax_cross_entropy_with_integer_labels(worst, jnp.zeros_like(labels)).mean()
 
 
-def margin_lower_bounds(logits_fn: Callable, variables, box: Box, spec, method: str, beta=1.0,
-                        crown_chunk_size: int | None = None, crown_memory_limit: int | None = None):
+def margin_lower_bounds(
+  logits_fn: Callable,
+  variables,
+  box: Box,
+  spec,
+  method: str,
+  beta=1.0,
+  crown_chunk_size: int | None = None,
+  crown_memory_limit: int | None = None,
+):
   """Lower bounds ``[N, S]`` of ``spec @ logits_fn(variables, x)`` over ``box``.
 
   ``crown-ibp`` mixes ``beta * CROWN-IBP + (1 - beta) * IBP`` (Zhang et al. 2020): any convex
@@ -57,22 +67,39 @@ def margin_lower_bounds(logits_fn: Callable, variables, box: Box, spec, method: 
     lb_crown = crown(logits_fn, need_upper=False)(variables, box, spec).lower
     return beta * lb_crown + (1 - beta) * lb_ibp
   if method == "crown":
-    return crown(logits_fn, "crown", chunk_size=crown_chunk_size,
-                 memory_limit=crown_memory_limit, need_upper=False)(variables, box, spec).lower
+    return crown(
+      logits_fn,
+      "crown",
+      chunk_size=crown_chunk_size,
+      memory_limit=crown_memory_limit,
+      need_upper=False,
+    )(variables, box, spec).lower
   raise ValueError(f"unknown bound method {method!r}; choose one of {EVAL_METHODS}")
 
 
 class ObjectiveOutput(NamedTuple):
   robust_loss: jax.Array
   clean_logits: jax.Array
-  margin_lower: jax.Array       # [N, K-1]
-  eps: jax.Array                # the budgets, x's shape
-  new_batch_stats: Any          # BatchNorm running statistics after this batch (or None)
+  margin_lower: jax.Array  # [N, K-1]
+  eps: jax.Array  # the budgets, x's shape
+  new_batch_stats: Any  # BatchNorm running statistics after this batch (or None)
 
 
-def certified_objective(classifier, budget_model, params, batch_stats, x, labels, *,
-                        config: budgets_lib.BudgetConfig, eps0, method: str = "ibp", beta=1.0,
-                        num_classes: int, train: bool = True) -> ObjectiveOutput:
+def certified_objective(
+  classifier,
+  budget_model,
+  params,
+  batch_stats,
+  x,
+  labels,
+  *,
+  config: budgets_lib.BudgetConfig,
+  eps0,
+  method: str = "ibp",
+  beta=1.0,
+  num_classes: int,
+  train: bool = True,
+) -> ObjectiveOutput:
   """Budgets for ``x``, the box they span, and the robust cross-entropy over it.
 
   ``classifier`` is a Flax module called as ``classifier(x, train=...)``; ``budget_model`` maps
@@ -86,16 +113,21 @@ def certified_objective(classifier, budget_model, params, batch_stats, x, labels
   if has_bn and train:
     # A clone with momentum 0 returns the batch statistics themselves as its "running" averages.
     batch_model = classifier.clone(bn_momentum=0.0)
-    clean_logits, batch_vars = batch_model.apply({**cls_vars, "batch_stats": batch_stats}, x,
-                                                 train=True, mutable=["batch_stats"])
+    clean_logits, batch_vars = batch_model.apply(
+      {**cls_vars, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
     stats_for_bounds = batch_vars["batch_stats"]
     momentum = classifier.bn_momentum
-    new_batch_stats = jax.tree.map(lambda old, cur: momentum * old + (1 - momentum) * cur,
-                                   batch_stats, jax.lax.stop_gradient(stats_for_bounds))
+    new_batch_stats = jax.tree.map(
+      lambda old, cur: momentum * old + (1 - momentum) * cur,
+      batch_stats,
+      jax.lax.stop_gradient(stats_for_bounds),
+    )
   else:
     stats_for_bounds = batch_stats
-    clean_logits = classifier.apply({**cls_vars, **({"batch_stats": batch_stats} if has_bn else {})},
-                                    x, train=False)
+    clean_logits = classifier.apply(
+      {**cls_vars, **({"batch_stats": batch_stats} if has_bn else {})}, x, train=False
+    )
     new_batch_stats = batch_stats
 
   raw = None if budget_model is None else budget_model.apply({"params": params["budget"]}, x)
@@ -105,5 +137,6 @@ def certified_objective(classifier, budget_model, params, batch_stats, x, labels
   logits_fn = lambda v, z: classifier.apply(v, z, train=False)
   spec = margin_spec(labels, num_classes, x.dtype)
   lower = margin_lower_bounds(logits_fn, bound_vars, box, spec, method, beta)
-  return ObjectiveOutput(robust_cross_entropy(lower, labels, num_classes), clean_logits, lower, eps,
-                         new_batch_stats)
+  return ObjectiveOutput(
+    robust_cross_entropy(lower, labels, num_classes), clean_logits, lower, eps, new_batch_stats
+  )

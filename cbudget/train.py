@@ -42,25 +42,35 @@ class TrainConfig:
   budget_range: tuple[float, float] = (0.25, 4.0)
   method: str = "ibp"
   epochs: int = 20
-  steps: int | None = None            # overrides epochs when set
+  steps: int | None = None  # overrides epochs when set
   batch_size: int = 64
   seed: int = 0
   lr: float = 1e-3
   generator_lr: float = 1e-3
   grad_clip: float = 10.0
-  warmup_fraction: float = 0.1        # clean training (ε₀ = 0) for this share of the steps
-  ramp_fraction: float = 0.5          # then ε₀ grows to the target over this share
+  warmup_fraction: float = 0.1  # clean training (ε₀ = 0) for this share of the steps
+  ramp_fraction: float = 0.5  # then ε₀ grows to the target over this share
   eps_schedule: str = "smooth"
-  kappa_end: float = 0.0              # loss = κ·clean + (1−κ)·robust, κ goes 1 → kappa_end
-  augment: bool | None = None         # default: on for CIFAR-like data
+  kappa_end: float = 0.0  # loss = κ·clean + (1−κ)·robust, κ goes 1 → kappa_end
+  augment: bool | None = None  # default: on for CIFAR-like data
   num_train_examples: int | None = None
   log_every: int = 50
   checkpoint_every: int = 200
   skip_nonfinite: bool = False
 
   # Fields that must match to resume from a workdir.
-  IDENTITY = ("dataset", "model", "generator", "budget", "per_pixel", "eps", "budget_range",
-              "method", "batch_size", "seed")
+  IDENTITY = (
+    "dataset",
+    "model",
+    "generator",
+    "budget",
+    "per_pixel",
+    "eps",
+    "budget_range",
+    "method",
+    "batch_size",
+    "seed",
+  )
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -79,7 +89,9 @@ def validate(config: TrainConfig):
   if config.dataset not in data.DATASETS:
     raise ValueError(f"--dataset={config.dataset!r} is unknown; choose one of {data.DATASETS}")
   if config.model not in classifiers.CLASSIFIERS:
-    raise ValueError(f"--model={config.model!r} is unknown; choose one of {classifiers.CLASSIFIERS}")
+    raise ValueError(
+      f"--model={config.model!r} is unknown; choose one of {classifiers.CLASSIFIERS}"
+    )
   if config.method not in TRAIN_METHODS:
     raise ValueError(f"--method={config.method!r} cannot train; choose one of {TRAIN_METHODS}")
   if not config.eps > 0:
@@ -89,10 +101,10 @@ def validate(config: TrainConfig):
 
 class TrainState(NamedTuple):
   step: jax.Array
-  params: Any            # {"classifier": ..., "budget": ... or None}
-  batch_stats: Any       # BatchNorm running statistics, or None
+  params: Any  # {"classifier": ..., "budget": ... or None}
+  batch_stats: Any  # BatchNorm running statistics, or None
   opt_state: Any
-  key: jax.Array         # raw uint32 key data (checkpointable)
+  key: jax.Array  # raw uint32 key data (checkpointable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +135,9 @@ def make_setup(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
   """Models, optimiser and schedules of a run (``steps_per_epoch`` sizes the schedules)."""
   mean, std = classifiers.get_dataset_stats(config.dataset.replace("_canvas", ""))
   classifier = classifiers.get_classifier(config.model, num_classes, mean=mean, std=std)
-  budget_config = budgets_lib.make_budget_config(config.budget, config.budget_range,
-                                                 config.per_pixel)
+  budget_config = budgets_lib.make_budget_config(
+    config.budget, config.budget_range, config.per_pixel
+  )
   total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
   warmup = int(config.warmup_fraction * total)
   ramp = schedules.ramp(warmup, int(config.ramp_fraction * total), config.eps_schedule)
@@ -138,13 +151,21 @@ def make_setup(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(lr_schedule(lr)))
 
   optimizer = optax.multi_transform(
-      {"classifier": opt(config.lr), "budget": opt(config.generator_lr)},
-      lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()})
-  return Setup(classifier, build_budget_model(config), budget_config,
-               optimizer, num_classes, steps_per_epoch, total,
-               eps0=schedules.interpolate(ramp, 0.0, config.eps),
-               kappa=schedules.interpolate(linear, 1.0, config.kappa_end),
-               beta=schedules.interpolate(linear, 1.0, 0.0))
+    {"classifier": opt(config.lr), "budget": opt(config.generator_lr)},
+    lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()},
+  )
+  return Setup(
+    classifier,
+    build_budget_model(config),
+    budget_config,
+    optimizer,
+    num_classes,
+    steps_per_epoch,
+    total,
+    eps0=schedules.interpolate(ramp, 0.0, config.eps),
+    kappa=schedules.interpolate(linear, 1.0, config.kappa_end),
+    beta=schedules.interpolate(linear, 1.0, 0.0),
+  )
 
 
 def init_state(setup: Setup, config: TrainConfig, example) -> TrainState:
@@ -155,8 +176,13 @@ def init_state(setup: Setup, config: TrainConfig, example) -> TrainState:
   if setup.budget_model is not None:
     params["budget"] = setup.budget_model.init(k_gen, example)["params"]
   batch_stats = variables.get("batch_stats")
-  return TrainState(jnp.asarray(0, jnp.int32), params, batch_stats, setup.optimizer.init(params),
-                    jax.random.key_data(key))
+  return TrainState(
+    jnp.asarray(0, jnp.int32),
+    params,
+    batch_stats,
+    setup.optimizer.init(params),
+    jax.random.key_data(key),
+  )
 
 
 def make_train_step(setup: Setup, config: TrainConfig):
@@ -164,35 +190,57 @@ def make_train_step(setup: Setup, config: TrainConfig):
 
   def loss_fn(params, batch_stats, image, label, step):
     eps0, kappa, beta = setup.eps0(step), setup.kappa(step), setup.beta(step)
-    out = certified_objective(setup.classifier, setup.budget_model, params, batch_stats, image,
-                              label, config=setup.budget_config, eps0=eps0, method=config.method,
-                              beta=beta, num_classes=setup.num_classes, train=True)
+    out = certified_objective(
+      setup.classifier,
+      setup.budget_model,
+      params,
+      batch_stats,
+      image,
+      label,
+      config=setup.budget_config,
+      eps0=eps0,
+      method=config.method,
+      beta=beta,
+      num_classes=setup.num_classes,
+      train=True,
+    )
     clean = optax.softmax_cross_entropy_with_integer_labels(out.clean_logits, label).mean()
     loss = kappa * clean + (1 - kappa) * out.robust_loss
     stats = budgets_lib.budget_stats(out.eps, image)
     metrics = {
-        "loss": loss, "clean_loss": clean, "robust_loss": out.robust_loss,
-        "clean_error": jnp.mean(jnp.argmax(out.clean_logits, -1) != label),
-        "certified_error": jnp.mean(jnp.any(out.margin_lower <= 0, axis=1)),
-        "eps0": eps0, "kappa": kappa, "beta": beta,
-        "equivalent_eps": stats["equivalent_eps"], "eps_min": stats["min"], "eps_max": stats["max"],
+      "loss": loss,
+      "clean_loss": clean,
+      "robust_loss": out.robust_loss,
+      "clean_error": jnp.mean(jnp.argmax(out.clean_logits, -1) != label),
+      "certified_error": jnp.mean(jnp.any(out.margin_lower <= 0, axis=1)),
+      "eps0": eps0,
+      "kappa": kappa,
+      "beta": beta,
+      "equivalent_eps": stats["equivalent_eps"],
+      "eps_min": stats["min"],
+      "eps_max": stats["max"],
     }
     return loss, (out.new_batch_stats, metrics)
 
   @jax.jit
   def step_fn(state: TrainState, image, label):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, image, label,
-                                                  state.step)
+    (loss, (new_stats, metrics)), grads = grad_fn(
+      state.params, state.batch_stats, image, label, state.step
+    )
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite step never reaches the state: the caller stops (or skips) on `finite`.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(state.step + 1, keep(params, state.params),
-                           keep(new_stats, state.batch_stats), keep(opt_state, state.opt_state),
-                           state.key)
+    new_state = TrainState(
+      state.step + 1,
+      keep(params, state.params),
+      keep(new_stats, state.batch_stats),
+      keep(opt_state, state.opt_state),
+      state.key,
+    )
     metrics = {**metrics, "grad_norm": grad_norm, "finite": finite}
     return new_state, metrics
 
@@ -218,8 +266,10 @@ def data_parallel(devices=None):
 
   def put_batch(array):
     if array.shape[0] % len(devices):
-      raise ValueError(f"--batch_size={array.shape[0]} must be divisible by the number of devices "
-                       f"({len(devices)}) for data-parallel training")
+      raise ValueError(
+        f"--batch_size={array.shape[0]} must be divisible by the number of devices "
+        f"({len(devices)}) for data-parallel training"
+      )
     return put(array, batch_sharding)
 
   def put_replicated(tree):
@@ -230,8 +280,6 @@ def data_parallel(devices=None):
 
 class NonFiniteError(FloatingPointError):
   """Training produced a NaN/Inf loss or gradient."""
-
-
 
 
 def _augment(config: TrainConfig) -> bool:
@@ -249,12 +297,21 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
   """
   validate(config)
   os.makedirs(config.workdir, exist_ok=True)
-  checkpoints.check_or_write_config(config.workdir, dataclasses.asdict(config), TrainConfig.IDENTITY)
-  train_set = data.load(config.dataset, "train", config.data_dir, seed=config.seed,
-                        num_examples=config.num_train_examples)
+  checkpoints.check_or_write_config(
+    config.workdir, dataclasses.asdict(config), TrainConfig.IDENTITY
+  )
+  train_set = data.load(
+    config.dataset,
+    "train",
+    config.data_dir,
+    seed=config.seed,
+    num_examples=config.num_train_examples,
+  )
   if config.batch_size > len(train_set.labels):
-    raise ValueError(f"--batch_size={config.batch_size} is larger than the training set "
-                     f"({len(train_set.labels)} examples); use a smaller batch")
+    raise ValueError(
+      f"--batch_size={config.batch_size} is larger than the training set "
+      f"({len(train_set.labels)} examples); use a smaller batch"
+    )
   setup = make_setup(config, train_set.num_classes, data.num_batches(train_set, config.batch_size))
   example = jnp.asarray(train_set.images[:1])
   state = init_state(setup, config, example)
@@ -267,9 +324,14 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
     log.info("resumed from step %d (checkpoint in %s)", start, manager.directory)
   put_batch, put_replicated = data_parallel()
   state = put_replicated(state)
-  log.info("training on %d device(s) (%s), %d process(es); %d steps of batch %d",
-           jax.device_count(), jax.devices()[0].platform, jax.process_count(), setup.total_steps,
-           config.batch_size)
+  log.info(
+    "training on %d device(s) (%s), %d process(es); %d steps of batch %d",
+    jax.device_count(),
+    jax.devices()[0].platform,
+    jax.process_count(),
+    setup.total_steps,
+    config.batch_size,
+  )
   metrics_log = checkpoints.MetricsLog(config.workdir, resume_step=start)
   if restored is not None:
     metrics_log.write({"step": start, "event": "resumed"})
@@ -282,23 +344,32 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
 
   # Signal handlers can only be installed from the main thread (else train() runs without them).
   in_main = threading.current_thread() is threading.main_thread()
-  previous = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-              if in_main else {})
+  previous = (
+    {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if in_main else {}
+  )
   end = setup.total_steps if until_step is None else min(until_step, setup.total_steps)
   last, t0, t_epoch = {}, time.time(), time.time()
   try:
     step = start
     while step < end and stop["signal"] is None:
       epoch, first = divmod(step, setup.steps_per_epoch)
-      for batch in data.batches(train_set, config.batch_size, seed=config.seed, epoch=epoch,
-                                augment=_augment(config), start_batch=first):
+      for batch in data.batches(
+        train_set,
+        config.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        augment=_augment(config),
+        start_batch=first,
+      ):
         state, metrics = step_fn(state, put_batch(batch["image"]), put_batch(batch["label"]))
         step += 1
         if not bool(metrics["finite"]):
-          msg = (f"non-finite loss or gradient at step {step} (ε₀={float(metrics['eps0']):.4g}, "
-                 f"loss={float(metrics['loss'])}, grad norm={float(metrics['grad_norm'])}); likely "
-                 "causes: a learning rate too high, or a budget range too wide for the model. The "
-                 "last good checkpoint is kept.")
+          msg = (
+            f"non-finite loss or gradient at step {step} (ε₀={float(metrics['eps0']):.4g}, "
+            f"loss={float(metrics['loss'])}, grad norm={float(metrics['grad_norm'])}); likely "
+            "causes: a learning rate too high, or a budget range too wide for the model. The "
+            "last good checkpoint is kept."
+          )
           if not config.skip_nonfinite:
             raise NonFiniteError(msg)
           log.warning("%s Skipping the step (--skip_nonfinite).", msg)
@@ -306,10 +377,19 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
           last = {k: float(v) for k, v in metrics.items()}
           last.update(step=step, epoch=epoch, seconds=time.time() - t0)
           metrics_log.write(last)
-          log.info("step %d/%d  loss %.4f  clean err %.3f  cert err %.3f  eps0 %.4f  "
-                   "equiv eps %.4f  [%.3f, %.3f]", step, setup.total_steps, last["loss"],
-                   last["clean_error"], last["certified_error"], last["eps0"],
-                   last["equivalent_eps"], last["eps_min"], last["eps_max"])
+          log.info(
+            "step %d/%d  loss %.4f  clean err %.3f  cert err %.3f  eps0 %.4f  "
+            "equiv eps %.4f  [%.3f, %.3f]",
+            step,
+            setup.total_steps,
+            last["loss"],
+            last["clean_error"],
+            last["certified_error"],
+            last["eps0"],
+            last["equivalent_eps"],
+            last["eps_min"],
+            last["eps_max"],
+          )
         if step % config.checkpoint_every == 0 or step == end:
           manager.save(step, state)
         if step >= end or stop["signal"] is not None:

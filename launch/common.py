@@ -17,6 +17,7 @@ def setup_devices(coordinator_address=None, num_processes=None, process_id=None)
   """Join a multi-host job when asked (TPU pods and multi-GPU nodes); a no-op on one host."""
   if coordinator_address or num_processes:
     import jax
+
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
@@ -27,7 +28,7 @@ def run_main(main):
 
   def wrapped(argv):
     logging.getLogger("cbudget").setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)   # orbax's per-save INFO lines
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
     if not logging.getLogger().handlers:
       logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:

@@ -19,50 +19,75 @@ flags.DEFINE_list("methods", ["ibp", "crown-ibp", "crown"], "Bound methods to ce
 flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
 flags.DEFINE_integer("pgd_steps", 20, "PGD steps.")
 flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
-flags.DEFINE_integer("crown_chunk_size", None,
-                     "(Neuron row, example) pairs per full-CROWN backward pass; default: "
-                     "as many as fit --crown_memory_gib.")
+flags.DEFINE_integer(
+  "crown_chunk_size",
+  None,
+  "(Neuron row, example) pairs per full-CROWN backward pass; default: "
+  "as many as fit --crown_memory_gib.",
+)
 flags.DEFINE_float("crown_memory_gib", 2.0, "Memory for one full-CROWN backward pass.")
-flags.DEFINE_integer("crown_examples", None,
-                     "Full CROWN (the slowest method) on the first N of the examples only.")
+flags.DEFINE_integer(
+  "crown_examples", None, "Full CROWN (the slowest method) on the first N of the examples only."
+)
 flags.DEFINE_bool("x64", False, "Also certify in float64 and report float32-only certificates.")
 flags.DEFINE_bool("plot", True, "Write budgets.png (images next to their budget maps).")
 
 flags.register_validator("num_examples", lambda v: v >= 0, "--num_examples must be >= 0")
 flags.register_validator("pgd_steps", lambda v: v >= 1, "--pgd_steps must be >= 1")
-flags.register_validator("crown_examples", lambda v: v is None or v >= 1,
-                         "--crown_examples must be >= 1")
+flags.register_validator(
+  "crown_examples", lambda v: v is None or v >= 1, "--crown_examples must be >= 1"
+)
 
 
 def main(argv):
   del argv
   from cbudget.checkpoints import atomic_write_text
   from cbudget.evaluate import evaluate
-  results = evaluate(FLAGS.workdir, num_examples=FLAGS.num_examples or None,
-                     methods=tuple(FLAGS.methods), batch_size=FLAGS.batch_size,
-                     pgd_steps=FLAGS.pgd_steps, pgd_restarts=FLAGS.pgd_restarts,
-                     crown_chunk_size=FLAGS.crown_chunk_size,
-                     crown_memory_gib=FLAGS.crown_memory_gib, crown_examples=FLAGS.crown_examples,
-                     x64=FLAGS.x64)
+
+  results = evaluate(
+    FLAGS.workdir,
+    num_examples=FLAGS.num_examples or None,
+    methods=tuple(FLAGS.methods),
+    batch_size=FLAGS.batch_size,
+    pgd_steps=FLAGS.pgd_steps,
+    pgd_restarts=FLAGS.pgd_restarts,
+    crown_chunk_size=FLAGS.crown_chunk_size,
+    crown_memory_gib=FLAGS.crown_memory_gib,
+    crown_examples=FLAGS.crown_examples,
+    x64=FLAGS.x64,
+  )
   samples = results.pop("samples")
   atomic_write_text(os.path.join(FLAGS.workdir, "eval.json"), json.dumps(results, indent=2) + "\n")
-  print(f"{results['dataset']} / {results['model']} / {results['budget_mode']} budgets, "
-        f"ε₀ = {results['eps']:.4g}, {results['num_examples']} test examples")
+  print(
+    f"{results['dataset']} / {results['model']} / {results['budget_mode']} budgets, "
+    f"ε₀ = {results['eps']:.4g}, {results['num_examples']} test examples"
+  )
   print(f"  clean error      {results['clean_error']:.4f}")
   print(f"  PGD error        {results['pgd_error']:.4f}")
   for method, err in results["certified_error"].items():
     print(f"  certified error  {err:.4f}  ({method})")
   b = results["budget"]
-  print(f"  budgets: equivalent ε {b['equivalent_eps']:.4g}, range [{b['min']:.4g}, {b['max']:.4g}]")
+  print(
+    f"  budgets: equivalent ε {b['equivalent_eps']:.4g}, range [{b['min']:.4g}, {b['max']:.4g}]"
+  )
   if "relevance_auroc" in results:
-    print(f"  budget–relevance AUROC {results['relevance_auroc']:.3f}, "
-          f"mean budget out/in mask {results['budget_ratio_out_in']:.2f}")
+    print(
+      f"  budget–relevance AUROC {results['relevance_auroc']:.3f}, "
+      f"mean budget out/in mask {results['budget_ratio_out_in']:.2f}"
+    )
   if FLAGS.plot:
     from launch.visualize import plot_budget_grid
+
     path = os.path.join(FLAGS.workdir, "budgets.png")
-    plot_budget_grid(samples["images"], samples["eps"], path, masks=samples["masks"],
-                     labels=samples["labels"], preds=samples["preds"],
-                     title=f"{results['budget_mode']} budgets, ε₀ = {results['eps']:.3g}")
+    plot_budget_grid(
+      samples["images"],
+      samples["eps"],
+      path,
+      masks=samples["masks"],
+      labels=samples["labels"],
+      preds=samples["preds"],
+      title=f"{results['budget_mode']} budgets, ε₀ = {results['eps']:.3g}",
+    )
     print(f"  wrote {path}")
   print(f"  wrote {os.path.join(FLAGS.workdir, 'eval.json')}")
 

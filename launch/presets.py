@@ -7,37 +7,77 @@ Each preset has a CPU schedule (what the README's results table ran) and the pap
 _MODES = ("uniform", "global", "contextual")
 
 _BASE = {
-    "mnist": dict(dataset="mnist", model="dm_small", generator="coarse", budget_range="0.25,4",
-                  method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
-                  kappa_end=0.0),
-    "cifar": dict(dataset="cifar10", model="dm_small", generator="coarse", budget_range="0.25,4",
-                  method="ibp", batch_size=100, warmup_fraction=0.05, ramp_fraction=0.5,
-                  kappa_end=0.0),
-    # The canvases are harder to learn than the plain datasets: a longer clean warm-up, and half the
-    # loss stays clean (kappa_end 0.5; with 0, IBP training of uniform budgets collapsed to a constant).
-    "mnist_canvas": dict(dataset="mnist_canvas", model="dm_small", generator="coarse",
-                         budget_range="0.1,10", method="ibp", batch_size=100, eps=0.1,
-                         warmup_fraction=0.2, ramp_fraction=0.5, kappa_end=0.5),
-    "cifar_canvas": dict(dataset="cifar_canvas", model="dm_small", generator="coarse",
-                         budget_range="0.1,10", method="ibp", batch_size=100, eps=2 / 255,
-                         warmup_fraction=0.2, ramp_fraction=0.5, kappa_end=0.5),
+  "mnist": dict(
+    dataset="mnist",
+    model="dm_small",
+    generator="coarse",
+    budget_range="0.25,4",
+    method="ibp",
+    batch_size=100,
+    warmup_fraction=0.05,
+    ramp_fraction=0.5,
+    kappa_end=0.0,
+  ),
+  "cifar": dict(
+    dataset="cifar10",
+    model="dm_small",
+    generator="coarse",
+    budget_range="0.25,4",
+    method="ibp",
+    batch_size=100,
+    warmup_fraction=0.05,
+    ramp_fraction=0.5,
+    kappa_end=0.0,
+  ),
+  # The canvases are harder to learn than the plain datasets: a longer clean warm-up, and half the
+  # loss stays clean (kappa_end 0.5; with 0, IBP training of uniform budgets collapsed to a constant).
+  "mnist_canvas": dict(
+    dataset="mnist_canvas",
+    model="dm_small",
+    generator="coarse",
+    budget_range="0.1,10",
+    method="ibp",
+    batch_size=100,
+    eps=0.1,
+    warmup_fraction=0.2,
+    ramp_fraction=0.5,
+    kappa_end=0.5,
+  ),
+  "cifar_canvas": dict(
+    dataset="cifar_canvas",
+    model="dm_small",
+    generator="coarse",
+    budget_range="0.1,10",
+    method="ibp",
+    batch_size=100,
+    eps=2 / 255,
+    warmup_fraction=0.2,
+    ramp_fraction=0.5,
+    kappa_end=0.5,
+  ),
 }
 
 # (cpu, paper) schedules.
 _SCHEDULES = {
-    "mnist": (dict(epochs=3), dict(epochs=100, model="dm_large", method="crown-ibp",
-                                   ramp_fraction=0.5)),
-    "cifar": (dict(epochs=3), dict(epochs=160, model="cnn7", method="ibp", augment=True,
-                                   batch_size=128)),
-    "mnist_canvas": (dict(epochs=3), dict(epochs=60, model="dm_large")),
-    "cifar_canvas": (dict(epochs=3), dict(epochs=100, model="cnn7")),
+  "mnist": (
+    dict(epochs=3),
+    dict(epochs=100, model="dm_large", method="crown-ibp", ramp_fraction=0.5),
+  ),
+  "cifar": (
+    dict(epochs=3),
+    dict(epochs=160, model="cnn7", method="ibp", augment=True, batch_size=128),
+  ),
+  "mnist_canvas": (dict(epochs=3), dict(epochs=60, model="dm_large")),
+  "cifar_canvas": (dict(epochs=3), dict(epochs=100, model="cnn7")),
 }
 
 PRESETS = {}
-FAMILY = {}     # preset name -> family (mnist, cifar, mnist_canvas, cifar_canvas)
+FAMILY = {}  # preset name -> family (mnist, cifar, mnist_canvas, cifar_canvas)
 for _family, _base in _BASE.items():
-  _epsilons = {"mnist": ((0.3, "0.3"), (0.4, "0.4")),
-               "cifar": ((8 / 255, "8_255"), (16 / 255, "16_255"))}.get(_family, ((None, ""),))
+  _epsilons = {
+    "mnist": ((0.3, "0.3"), (0.4, "0.4")),
+    "cifar": ((8 / 255, "8_255"), (16 / 255, "16_255")),
+  }.get(_family, ((None, ""),))
   for _eps, _label in _epsilons:
     for _mode in _MODES:
       _name = f"{_family}_{_mode}" + (f"_{_label}" if _label else "")
@@ -64,6 +104,7 @@ def train_config(name: str, schedule: str = "cpu", **overrides):
   """The :class:`cbudget.train.TrainConfig` of a preset, with ``overrides`` (e.g. workdir)."""
   from cbudget.train import TrainConfig
   from launch.common import parse_range
+
   values = {**preset_values(name, schedule), **overrides}
   if isinstance(values.get("budget_range"), str):
     values["budget_range"] = parse_range(values["budget_range"])

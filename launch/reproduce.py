@@ -21,8 +21,9 @@ from launch import presets
 from launch.common import run_main
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("families", ["mnist", "cifar", "mnist_canvas", "cifar_canvas"],
-                  "Preset families to run.")
+flags.DEFINE_list(
+  "families", ["mnist", "cifar", "mnist_canvas", "cifar_canvas"], "Preset families to run."
+)
 flags.DEFINE_list("only", [], "Run only these presets (names from launch/presets.py).")
 flags.DEFINE_enum("schedule", "cpu", ["cpu", "paper"], "Reduced CPU schedules or the paper's.")
 flags.DEFINE_string("data_dir", None, "Folder of the standard raw files (offline).")
@@ -44,6 +45,7 @@ def machine() -> str:
 def run_preset(name: str) -> dict:
   from cbudget.evaluate import evaluate
   from cbudget.train import train
+
   overrides = dict(workdir=os.path.join(FLAGS.workdir_root, name), data_dir=FLAGS.data_dir)
   if FLAGS.epochs:
     overrides["epochs"] = FLAGS.epochs
@@ -55,22 +57,38 @@ def run_preset(name: str) -> dict:
     sys.exit(f"interrupted while training {name}; run the same command to resume")
   t_train = time.time() - t0
   t1 = time.time()
-  results = evaluate(config.workdir, num_examples=FLAGS.num_examples, methods=tuple(FLAGS.methods),
-                     crown_chunk_size=FLAGS.crown_chunk_size, crown_examples=FLAGS.crown_examples)
+  results = evaluate(
+    config.workdir,
+    num_examples=FLAGS.num_examples,
+    methods=tuple(FLAGS.methods),
+    crown_chunk_size=FLAGS.crown_chunk_size,
+    crown_examples=FLAGS.crown_examples,
+  )
   results.pop("samples")
-  results.update(preset=name, schedule=FLAGS.schedule, epochs=config.epochs, method=config.method,
-                 num_train_examples=config.num_train_examples,
-                 budget_range=list(config.budget_range), train_seconds=round(t_train, 1),
-                 eval_seconds=round(time.time() - t1, 1), machine=machine(),
-                 command=(f"python -m launch.train --preset {name} --schedule {FLAGS.schedule} "
-                          f"--data_dir DATA --workdir W"
-                          + (f" --epochs {FLAGS.epochs}" if FLAGS.epochs else "")
-                          + (f" --num_train_examples {FLAGS.num_train_examples}"
-                             if FLAGS.num_train_examples else "")
-                          + f" && python -m launch.evaluate --workdir W --num_examples "
-                          f"{FLAGS.num_examples} --crown_examples {FLAGS.crown_examples}"
-                          + (f" --methods {','.join(FLAGS.methods)}"
-                             if tuple(FLAGS.methods) != ("ibp", "crown-ibp", "crown") else "")))
+  results.update(
+    preset=name,
+    schedule=FLAGS.schedule,
+    epochs=config.epochs,
+    method=config.method,
+    num_train_examples=config.num_train_examples,
+    budget_range=list(config.budget_range),
+    train_seconds=round(t_train, 1),
+    eval_seconds=round(time.time() - t1, 1),
+    machine=machine(),
+    command=(
+      f"python -m launch.train --preset {name} --schedule {FLAGS.schedule} "
+      f"--data_dir DATA --workdir W"
+      + (f" --epochs {FLAGS.epochs}" if FLAGS.epochs else "")
+      + (f" --num_train_examples {FLAGS.num_train_examples}" if FLAGS.num_train_examples else "")
+      + f" && python -m launch.evaluate --workdir W --num_examples "
+      f"{FLAGS.num_examples} --crown_examples {FLAGS.crown_examples}"
+      + (
+        f" --methods {','.join(FLAGS.methods)}"
+        if tuple(FLAGS.methods) != ("ibp", "crown-ibp", "crown")
+        else ""
+      )
+    ),
+  )
   return results
 
 
@@ -80,37 +98,46 @@ def table(results_dir: str) -> str:
     if fname.endswith(".json"):
       with open(os.path.join(results_dir, fname)) as f:
         rows.append(json.load(f))
-  head = ("| preset | data | model | budgets | ε₀ | epochs | clean | PGD | cert. IBP | cert. CROWN-IBP "
-          "| cert. CROWN* | AUROC | out/in | train s | machine |\n|" + "---|" * 15)
+  head = (
+    "| preset | data | model | budgets | ε₀ | epochs | clean | PGD | cert. IBP | cert. CROWN-IBP "
+    "| cert. CROWN* | AUROC | out/in | train s | machine |\n|" + "---|" * 15
+  )
   lines = [head]
   for r in rows:
     c = r["certified_error"]
     auroc = f"{r['relevance_auroc']:.3f}" if "relevance_auroc" in r else "–"
     ratio = f"{r['budget_ratio_out_in']:.2f}" if "budget_ratio_out_in" in r else "–"
     lines.append(
-        f"| {r['preset']} | {r['dataset']} | {r['model']} | {r['budget_mode']} | {r['eps']:.4g} | "
-        f"{r['epochs']} | {100 * r['clean_error']:.1f} | {100 * r['pgd_error']:.1f} | "
-        + " | ".join(f"{100 * c[m]:.1f}" if m in c else "–" for m in ("ibp", "crown-ibp", "crown"))
-        + f" | {auroc} | {ratio} | {r['train_seconds']:.0f} | {r['machine']} |")
+      f"| {r['preset']} | {r['dataset']} | {r['model']} | {r['budget_mode']} | {r['eps']:.4g} | "
+      f"{r['epochs']} | {100 * r['clean_error']:.1f} | {100 * r['pgd_error']:.1f} | "
+      + " | ".join(f"{100 * c[m]:.1f}" if m in c else "–" for m in ("ibp", "crown-ibp", "crown"))
+      + f" | {auroc} | {ratio} | {r['train_seconds']:.0f} | {r['machine']} |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def main(argv):
   del argv
   from cbudget.checkpoints import atomic_write_text
+
   os.makedirs(FLAGS.results_dir, exist_ok=True)
   names = FLAGS.only or [n for n in presets.PRESETS if presets.FAMILY[n] in FLAGS.families]
   for name in names:
     print(f"== {name}", flush=True)
     results = run_preset(name)
-    atomic_write_text(os.path.join(FLAGS.results_dir, f"{name}.json"),
-                      json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: results[k] for k in ("clean_error", "pgd_error", "certified_error")}),
-          flush=True)
-    atomic_write_text(os.path.join(FLAGS.results_dir, "README.md"),
-                      "# Results\n\nErrors in %, on the first test examples (*full CROWN on fewer: see "
-                      "`certified_examples`); the JSON files hold budget statistics and "
-                      "commands.\n\n" + table(FLAGS.results_dir))
+    atomic_write_text(
+      os.path.join(FLAGS.results_dir, f"{name}.json"), json.dumps(results, indent=2) + "\n"
+    )
+    print(
+      json.dumps({k: results[k] for k in ("clean_error", "pgd_error", "certified_error")}),
+      flush=True,
+    )
+    atomic_write_text(
+      os.path.join(FLAGS.results_dir, "README.md"),
+      "# Results\n\nErrors in %, on the first test examples (*full CROWN on fewer: see "
+      "`certified_examples`); the JSON files hold budget statistics and "
+      "commands.\n\n" + table(FLAGS.results_dir),
+    )
   print(table(FLAGS.results_dir))
 
 

@@ -20,9 +20,15 @@ from launch import presets
 from launch.common import parse_range, run_main, setup_devices
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and config.json go.", required=True)
-flags.DEFINE_string("preset", "demo", "Named settings (see launch/presets.py); flags override them.")
-flags.DEFINE_enum("schedule", "cpu", ["cpu", "paper"], "Preset schedule: reduced CPU or the paper's.")
+flags.DEFINE_string(
+  "workdir", None, "Where checkpoints, metrics and config.json go.", required=True
+)
+flags.DEFINE_string(
+  "preset", "demo", "Named settings (see launch/presets.py); flags override them."
+)
+flags.DEFINE_enum(
+  "schedule", "cpu", ["cpu", "paper"], "Preset schedule: reduced CPU or the paper's."
+)
 flags.DEFINE_enum("dataset", "shapes", list(data.DATASETS), "Dataset name.")
 flags.DEFINE_string("data_dir", None, "Folder of the standard raw files (offline); else TFDS.")
 flags.DEFINE_enum("model", "dm_small", list(CLASSIFIERS), "Classifier architecture.")
@@ -56,8 +62,11 @@ flags.register_validator("eps", lambda v: v > 0, "--eps must be > 0")
 flags.register_validator("batch_size", lambda v: v > 0, "--batch_size must be > 0")
 flags.register_validator("epochs", lambda v: v > 0, "--epochs must be > 0")
 flags.register_validator("steps", lambda v: v is None or v > 0, "--steps must be > 0")
-flags.register_validator("budget_range", lambda v: _range_ok(v),
-                         "--budget_range must be 'a,b' with 0 < a <= 1 <= b (e.g. 0.25,4)")
+flags.register_validator(
+  "budget_range",
+  lambda v: _range_ok(v),
+  "--budget_range must be 'a,b' with 0 < a <= 1 <= b (e.g. 0.25,4)",
+)
 flags.register_validator("warmup_fraction", lambda v: 0 <= v < 1, "--warmup_fraction in [0, 1)")
 flags.register_validator("ramp_fraction", lambda v: 0 <= v <= 1, "--ramp_fraction in [0, 1]")
 
@@ -72,26 +81,33 @@ def _range_ok(value):
 
 def config_from_flags():
   from cbudget.train import TrainConfig
+
   values = presets.preset_values(FLAGS.preset, FLAGS.schedule)
   names = {f.name for f in dataclasses.fields(TrainConfig)}
   for name in names:
     if name in FLAGS and (FLAGS[name].present or name not in values):
       values[name] = FLAGS[name].value
-  values["budget_range"] = parse_range(values["budget_range"]) if isinstance(
-      values["budget_range"], str) else tuple(values["budget_range"])
+  values["budget_range"] = (
+    parse_range(values["budget_range"])
+    if isinstance(values["budget_range"], str)
+    else tuple(values["budget_range"])
+  )
   return TrainConfig(**{k: v for k, v in values.items() if k in names})
 
 
 def main(argv):
   del argv
   from cbudget.train import train
+
   setup_devices(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   config = config_from_flags()
   logging.getLogger("cbudget").info("config: %s", config)
   result = train(config)
-  print(f"trained to step {result['step']}: clean error {result.get('clean_error', float('nan')):.3f}, "
-        f"certified error (batch, {config.method}) {result.get('certified_error', float('nan')):.3f}"
-        + ("  [interrupted: run the same command to resume]" if result["interrupted"] else ""))
+  print(
+    f"trained to step {result['step']}: clean error {result.get('clean_error', float('nan')):.3f}, "
+    f"certified error (batch, {config.method}) {result.get('certified_error', float('nan')):.3f}"
+    + ("  [interrupted: run the same command to resume]" if result["interrupted"] else "")
+  )
 
 
 if __name__ == "__main__":

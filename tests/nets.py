@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 ACTIVATIONS = {
-    "relu": nn.relu,
-    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.1),
-    "hard_tanh": jax.nn.hard_tanh,
-    "abs": jnp.abs,
-    "sigmoid": nn.sigmoid,
-    "tanh": jnp.tanh,
-    "clip": lambda x: jnp.clip(x, -0.5, 0.7),
+  "relu": nn.relu,
+  "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.1),
+  "hard_tanh": jax.nn.hard_tanh,
+  "abs": jnp.abs,
+  "sigmoid": nn.sigmoid,
+  "tanh": jnp.tanh,
+  "clip": lambda x: jnp.clip(x, -0.5, 0.7),
 }
 
 
@@ -76,7 +76,9 @@ def init_net(net, x, seed, scale=1.0):
     elif "mean" in name:
       new.append(0.3 * jax.random.normal(k, leaf.shape, leaf.dtype))
     else:
-      new.append(scale * jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(max(1, leaf.shape[0])))
+      new.append(
+        scale * jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(max(1, leaf.shape[0]))
+      )
   return jax.tree.unflatten(tree, new)
 
 

@@ -1,6 +1,5 @@
 """Exactness, the orderings that are theorems (see shared/design/bound-facts.md), gradients, jit, vmap."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,15 +21,20 @@ def mlp(params, x):
 
 def random_mlp(key, sizes, dtype=jnp.float32):
   keys = jax.random.split(key, len(sizes))
-  return [(jax.random.normal(k, (m, n), dtype) / np.sqrt(m), 0.1 * jax.random.normal(k, (n,), dtype))
-          for k, m, n in zip(keys, sizes[:-1], sizes[1:])]
+  return [
+    (jax.random.normal(k, (m, n), dtype) / np.sqrt(m), 0.1 * jax.random.normal(k, (n,), dtype))
+    for k, m, n in zip(keys, sizes[:-1], sizes[1:])
+  ]
 
 
 def test_affine_network_is_exact_for_crown():
   """For c.x + d over [l, u] the range is c.m + d +- |c|.r: CROWN and CROWN-IBP must hit it."""
   with jax.enable_x64(True):
     key = jax.random.key(0)
-    w1, w2 = jax.random.normal(key, (5, 7), jnp.float64), jax.random.normal(key, (7, 3), jnp.float64)
+    w1, w2 = (
+      jax.random.normal(key, (5, 7), jnp.float64),
+      jax.random.normal(key, (7, 3), jnp.float64),
+    )
     f = lambda p, x: jnp.tanh(0.0) + (x @ p[0] - 0.3) @ p[1]
     x = jax.random.uniform(key, (4, 5), jnp.float64)
     box = Box.from_budget(x, jax.random.uniform(jax.random.key(1), (4, 5), jnp.float64, 0, 0.2))
@@ -99,7 +103,8 @@ def test_spec_folding_is_never_looser_than_ibp_then_spec():
   spec = jax.nn.one_hot(labels, 5)[:, None, :] - jnp.eye(5)[None]
   plain = ibp(mlp)(params, box)
   lo_after = jnp.einsum("nsk,nk->ns", jnp.maximum(spec, 0), plain.lower) + jnp.einsum(
-      "nsk,nk->ns", jnp.minimum(spec, 0), plain.upper)
+    "nsk,nk->ns", jnp.minimum(spec, 0), plain.upper
+  )
   folded = ibp(mlp)(params, box, spec)
   assert np.all(folded.lower >= lo_after - 1e-5)
   # CROWN-IBP on the last linear layer alone (its input box is h's IBP box) is the same theorem.
@@ -110,7 +115,8 @@ def test_spec_folding_is_never_looser_than_ibp_then_spec():
   crown_last = crown(lin)(last, h_box, spec)
   ibp_last = ibp(lin)(last, h_box)
   lo_ibp_spec = jnp.einsum("nsk,nk->ns", jnp.maximum(spec, 0), ibp_last.lower) + jnp.einsum(
-      "nsk,nk->ns", jnp.minimum(spec, 0), ibp_last.upper)
+    "nsk,nk->ns", jnp.minimum(spec, 0), ibp_last.upper
+  )
   assert np.all(crown_last.lower >= lo_ibp_spec - 1e-5)
 
 
@@ -140,8 +146,9 @@ def test_jit_and_eager_agree_and_vmap_works():
     epss = jnp.array([0.01, 0.03, 0.05])
     batched = jax.jit(jax.vmap(lambda e: method(params, Box.from_budget(x, e), spec).lower))(epss)
     for i, e in enumerate(epss):
-      np.testing.assert_allclose(batched[i], method(params, Box.from_budget(x, e), spec).lower,
-                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        batched[i], method(params, Box.from_budget(x, e), spec).lower, rtol=1e-5, atol=1e-6
+      )
 
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
@@ -179,7 +186,9 @@ def test_chunked_full_crown_equals_unchunked():
   x = jax.random.uniform(jax.random.key(10), (3, 5))
   box = Box.from_budget(x, 0.1)
   whole = crown(mlp, "crown")(params, box)
-  for chunked in (crown(mlp, "crown", chunk_size=5)(params, box),
-                  crown(mlp, "crown", memory_limit=4096)(params, box)):
+  for chunked in (
+    crown(mlp, "crown", chunk_size=5)(params, box),
+    crown(mlp, "crown", memory_limit=4096)(params, box),
+  ):
     np.testing.assert_allclose(whole.lower, chunked.lower, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(whole.upper, chunked.upper, rtol=1e-5, atol=1e-6)

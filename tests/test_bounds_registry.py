@@ -25,8 +25,9 @@ def test_readme_custom_relaxation_example_runs_and_is_sound():
   namespace = {}
   exec(compile(readme_block("custom-relaxation-example"), "README.md", "exec"), namespace)
   f, params, box, bounds = (namespace[k] for k in ("f", "params", "box", "bounds"))
-  pts = jax.random.uniform(jax.random.key(0), (500,) + box.lower.shape,
-                           minval=box.lower, maxval=box.upper)
+  pts = jax.random.uniform(
+    jax.random.key(0), (500,) + box.lower.shape, minval=box.lower, maxval=box.upper
+  )
   ys = jax.vmap(lambda x: f(params, x))(pts)
   assert np.all(ys >= bounds.lower - 1e-5) and np.all(ys <= bounds.upper + 1e-5)
   # The private registry was used: the default one is untouched.
@@ -42,7 +43,7 @@ def test_unsupported_primitive_names_it_and_points_to_registration():
 
 def test_unsupported_inside_named_function_says_where():
   def my_gate(x):
-    return jnp.where(x > 0, x, 0.0)   # an input-dependent select: no sound rule without help
+    return jnp.where(x > 0, x, 0.0)  # an input-dependent select: no sound rule without help
 
   f = lambda p, x: jax.jit(my_gate)(x @ p)
   box = cb.Box.from_budget(jnp.ones((2, 3)) * 0.5, 0.1)
@@ -68,7 +69,7 @@ def test_box_from_budget_errors():
   with pytest.raises(ValueError, match="does not broadcast"):
     cb.Box.from_budget(x, jnp.ones((3,)))
   b = cb.Box.from_budget(x + 0.5, jnp.full((2, 4, 4, 1), 0.7))
-  assert float(b.lower.min()) == 0.0 and float(b.upper.max()) == 1.0   # intersected with [0, 1]
+  assert float(b.lower.min()) == 0.0 and float(b.upper.max()) == 1.0  # intersected with [0, 1]
 
 
 def test_spec_shape_mismatch_is_a_clear_error():

@@ -29,8 +29,9 @@ def test_max_and_clip_with_infinite_constants():
   with jax.enable_x64(True):
     box = Box(jnp.array([[-1.0, 0.5]]), jnp.array([[1.0, 0.7]]))
     grid_check(lambda p, x: jnp.max(x, axis=1, keepdims=True, initial=-jnp.inf), None, box)
-    grid_check(lambda p, x: jnp.clip(x, jnp.array([-jnp.inf, 0.0]), jnp.array([0.5, jnp.inf])),
-               None, box)
+    grid_check(
+      lambda p, x: jnp.clip(x, jnp.array([-jnp.inf, 0.0]), jnp.array([0.5, jnp.inf])), None, box
+    )
 
 
 def test_reduce_precision_is_not_treated_as_identity():
@@ -54,8 +55,12 @@ def test_mixed_precision_and_integer_boxes_are_sound():
   with jax.enable_x64(True):
     box = Box(jnp.array([[-1.0, 0.5]]), jnp.array([[1.0, 0.7]]))
     # The model computes in float32: float32 rounding tolerance.
-    grid_check(lambda p, x: jax.nn.relu(x.astype(jnp.float32) @ p), jnp.ones((2, 2), jnp.float32),
-               box, tol=1e-6)
+    grid_check(
+      lambda p, x: jax.nn.relu(x.astype(jnp.float32) @ p),
+      jnp.ones((2, 2), jnp.float32),
+      box,
+      tol=1e-6,
+    )
   ints = Box(jnp.array([[0, 3]], jnp.int32), jnp.array([[2, 5]], jnp.int32))
   f = lambda p, x: jax.nn.relu(x / 255.0 - 0.01)
   for method in ALL.values():
@@ -69,11 +74,14 @@ def test_named_rules_apply_only_to_jax_nn_functions():
     # A bounded slope: the leaky_relu rule must not claim it (the slope is not its input); traced
     # through, the select's predicate is concrete and the bounds are exact.
     c = jnp.array([[-2.0, 3.0]])
-    grid_check(lambda p, x: jax.nn.leaky_relu(c, negative_slope=x), None,
-               Box(jnp.zeros((1, 2)), jnp.ones((1, 2))))
+    grid_check(
+      lambda p, x: jax.nn.leaky_relu(c, negative_slope=x),
+      None,
+      Box(jnp.zeros((1, 2)), jnp.ones((1, 2))),
+    )
 
     @jax.jit
-    def hard_tanh(x, max_val=2.0):   # a user's function with jax's name, other semantics
+    def hard_tanh(x, max_val=2.0):  # a user's function with jax's name, other semantics
       return jnp.clip(x, -max_val, max_val)
 
     grid_check(lambda p, x: hard_tanh(x), None, Box(jnp.array([[-3.0]]), jnp.array([[3.0]])))
@@ -98,7 +106,6 @@ def test_lower_only_crown_under_jit():
   box = Box(jnp.array([[-1.0, 0.5]]), jnp.array([[1.0, 0.7]]))
   b = jax.jit(crown(lambda p, x: jax.nn.relu(x), need_upper=False))(None, box)
   assert np.all(np.isinf(b.upper)) and np.all(np.isfinite(b.lower))
-
 
 
 def test_mixing_examples_is_a_clear_error():

@@ -14,9 +14,9 @@ from cbudget.bounds import Box, crown, ibp
 from tests.nets import ACTIVATIONS, RandomNet, init_net, sample_box_points
 
 METHODS = {
-    "ibp": lambda f: jax.jit(ibp(f)),
-    "crown-ibp": lambda f: jax.jit(crown(f)),
-    "crown": lambda f: jax.jit(crown(f, "crown")),
+  "ibp": lambda f: jax.jit(ibp(f)),
+  "crown-ibp": lambda f: jax.jit(crown(f)),
+  "crown": lambda f: jax.jit(crown(f, "crown")),
 }
 
 
@@ -33,19 +33,19 @@ def assert_sound(f, params, box, bounds, key, tol, num=200):
 def random_box(key, shape, dtype, max_eps=0.3):
   kx, ke = jax.random.split(key)
   x = jax.random.uniform(kx, shape, dtype)
-  eps = jax.random.uniform(ke, shape, dtype, 0.0, max_eps)   # non-uniform widths
+  eps = jax.random.uniform(ke, shape, dtype, 0.0, max_eps)  # non-uniform widths
   return x, Box.from_budget(x, eps)
 
 
 net_configs = st.builds(
-    dict,
-    kind=st.sampled_from(["mlp", "cnn", "residual"]),
-    activation=st.sampled_from(sorted(ACTIVATIONS)),
-    depth=st.integers(1, 3),
-    width=st.integers(2, 5),
-    batch_norm=st.booleans(),
-    stride=st.sampled_from([1, 2]),
-    padding=st.sampled_from(["SAME", "VALID"]),
+  dict,
+  kind=st.sampled_from(["mlp", "cnn", "residual"]),
+  activation=st.sampled_from(sorted(ACTIVATIONS)),
+  depth=st.integers(1, 3),
+  width=st.integers(2, 5),
+  batch_norm=st.booleans(),
+  stride=st.sampled_from([1, 2]),
+  padding=st.sampled_from(["SAME", "VALID"]),
 )
 
 
@@ -55,7 +55,7 @@ def test_random_networks_are_sound_float64(config, seed, method):
   with jax.enable_x64(True):
     shape = (2, 4) if config["kind"] == "mlp" else (2, 5, 5, 2)
     if config["kind"] == "mlp":
-      shape = (2, 3)   # small enough for all corners
+      shape = (2, 3)  # small enough for all corners
     net = RandomNet(**config)
     x, box = random_box(jax.random.key(seed), shape, jnp.float64)
     params = init_net(net, x, seed)
@@ -82,10 +82,11 @@ def test_margin_spec_is_sound():
   params = init_net(net, x, 2)
   f = lambda p, x: net.apply(p, x)
   labels = jnp.array([0, 1, 2, 0])
-  spec = jax.nn.one_hot(labels, 3)[:, None, :] - jnp.eye(3)[None]   # rows e_y - e_j
+  spec = jax.nn.one_hot(labels, 3)[:, None, :] - jnp.eye(3)[None]  # rows e_y - e_j
   pts = sample_box_points(box, jax.random.key(4), 300)
-  margins = np.einsum("nsk,pnk->pns", np.asarray(spec),
-                      np.asarray(jax.vmap(lambda p: f(params, p))(jnp.asarray(pts))))
+  margins = np.einsum(
+    "nsk,pnk->pns", np.asarray(spec), np.asarray(jax.vmap(lambda p: f(params, p))(jnp.asarray(pts)))
+  )
   for name, method in METHODS.items():
     b = method(f)(params, box, spec)
     assert b.lower.shape == (4, 3)
@@ -110,8 +111,10 @@ def test_max_pool_and_max_of_two_bounded_values_are_sound():
   def f(params, x):
     h = jnp.tanh(x @ params["w"])
     pooled = nn.max_pool(h.reshape(h.shape[0], 2, 2, 1), (2, 2), (1, 1))
-    return jnp.concatenate([pooled.reshape(h.shape[0], -1), jnp.maximum(h[:, :1], h[:, 1:2]),
-                            h[:, :1] * h[:, 2:3]], axis=1)
+    return jnp.concatenate(
+      [pooled.reshape(h.shape[0], -1), jnp.maximum(h[:, :1], h[:, 1:2]), h[:, :1] * h[:, 2:3]],
+      axis=1,
+    )
 
   params = {"w": jax.random.normal(jax.random.key(0), (3, 4))}
   x, box = random_box(jax.random.key(1), (3, 3), jnp.float32, max_eps=0.5)

@@ -12,20 +12,27 @@ from cbudget.bounds._src import conv_transpose
 
 # (lhs shape per example, rhs shape, strides, padding, rhs_dilation, dimension numbers)
 CONFIGS = [
-    ((9, 9, 2), (4, 4, 2, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
-    ((8, 7, 3), (3, 2, 3, 4), (1, 2), ((2, 0), (0, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
-    ((10, 10, 1), (3, 3, 1, 2), (1, 1), ((2, 2), (2, 2)), (2, 2), ("NHWC", "HWIO", "NHWC")),
-    ((3, 8, 8), (4, 3, 3, 3), (2, 1), ((1, -1), (1, 1)), (1, 1), ("NCHW", "OIHW", "NCHW")),
-    ((11, 2), (5, 2, 3), (3,), ((1, 2),), (1,), ("NWC", "WIO", "NWC")),
-    ((5, 4, 6, 1), (2, 3, 2, 1, 2), (1, 2, 2), ((0, 1), (1, 0), (1, 1)), (1, 1, 1),
-     ("NDHWC", "DHWIO", "NDHWC")),
+  ((9, 9, 2), (4, 4, 2, 3), (2, 2), ((1, 1), (1, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+  ((8, 7, 3), (3, 2, 3, 4), (1, 2), ((2, 0), (0, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+  ((10, 10, 1), (3, 3, 1, 2), (1, 1), ((2, 2), (2, 2)), (2, 2), ("NHWC", "HWIO", "NHWC")),
+  ((3, 8, 8), (4, 3, 3, 3), (2, 1), ((1, -1), (1, 1)), (1, 1), ("NCHW", "OIHW", "NCHW")),
+  ((11, 2), (5, 2, 3), (3,), ((1, 2),), (1,), ("NWC", "WIO", "NWC")),
+  (
+    (5, 4, 6, 1),
+    (2, 3, 2, 1, 2),
+    (1, 2, 2),
+    ((0, 1), (1, 0), (1, 1)),
+    (1, 1, 1),
+    ("NDHWC", "DHWIO", "NDHWC"),
+  ),
 ]
 
 
 def _conv(params):
   strides, padding, dilation, dn = params
-  return lambda x, w: lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
-                                               dimension_numbers=dn)
+  return lambda x, w: lax.conv_general_dilated(
+    x, w, strides, padding, rhs_dilation=dilation, dimension_numbers=dn
+  )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c[5][0] + str(c[2]))
@@ -57,10 +64,17 @@ def test_transpose_and_its_gradients_match_jax(config):
 
 
 def test_grouped_and_dilated_input_convolutions_use_jax_vjp():
-  base = dict(window_strides=(1, 1), padding=((0, 0), (0, 0)), lhs_dilation=(1, 1),
-              rhs_dilation=(1, 1), feature_group_count=1, batch_group_count=1,
-              dimension_numbers=lax.conv_dimension_numbers((1, 4, 4, 2), (3, 3, 2, 2),
-                                                           ("NHWC", "HWIO", "NHWC")))
+  base = dict(
+    window_strides=(1, 1),
+    padding=((0, 0), (0, 0)),
+    lhs_dilation=(1, 1),
+    rhs_dilation=(1, 1),
+    feature_group_count=1,
+    batch_group_count=1,
+    dimension_numbers=lax.conv_dimension_numbers(
+      (1, 4, 4, 2), (3, 3, 2, 2), ("NHWC", "HWIO", "NHWC")
+    ),
+  )
   assert conv_transpose.supports(base)
   assert not conv_transpose.supports({**base, "feature_group_count": 2})
   assert not conv_transpose.supports({**base, "lhs_dilation": (2, 2)})
@@ -73,8 +87,9 @@ def test_crown_gradient_through_grouped_convolution_matches_finite_differences()
     x = jax.random.uniform(jax.random.key(2), (2, 6, 6, 4), jnp.float64)
 
     def f(w, z):
-      h = lax.conv_general_dilated(z, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                   feature_group_count=4)
+      h = lax.conv_general_dilated(
+        z, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=4
+      )
       return jnp.sum(jax.nn.relu(h), axis=(1, 2))
 
     loss = lambda w: jnp.sum(crown(f)(w, Box.from_budget(x, 0.1)).lower)

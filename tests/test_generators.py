@@ -10,75 +10,76 @@ from cbudget.models.generators import CoarseGenerator, SmallGenerator, UNetGener
 
 
 def _key(seed=0):
-    # 'rbg' keys compile much faster on CPU than threefry ones (seconds per init).
-    return jax.random.key(seed, impl="rbg")
+  # 'rbg' keys compile much faster on CPU than threefry ones (seconds per init).
+  return jax.random.key(seed, impl="rbg")
 
 
 def _images(shape, seed=0):
-    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
 
 
 @pytest.mark.parametrize("name", ["small", "unet", "coarse"])
 @pytest.mark.parametrize("per_pixel", [True, False])
 def test_output_shapes(name, per_pixel):
-    # Shapes only (abstract evaluation, no compilation); 7x9 exercises odd
-    # sizes through the U-Net's downsample / upsample.
-    x = jax.ShapeDtypeStruct((2, 7, 9, 3), jnp.float32)
-    gen = get_generator(name, per_pixel=per_pixel)
-    out, _ = jax.eval_shape(gen.init_with_output, jax.random.key(0), x)
-    assert out.shape == (2, 7, 9, 1 if per_pixel else 3)
-    assert out.dtype == jnp.float32
+  # Shapes only (abstract evaluation, no compilation); 7x9 exercises odd
+  # sizes through the U-Net's downsample / upsample.
+  x = jax.ShapeDtypeStruct((2, 7, 9, 3), jnp.float32)
+  gen = get_generator(name, per_pixel=per_pixel)
+  out, _ = jax.eval_shape(gen.init_with_output, jax.random.key(0), x)
+  assert out.shape == (2, 7, 9, 1 if per_pixel else 3)
+  assert out.dtype == jnp.float32
 
 
 def test_get_generator_types_and_unknown_name():
-    assert isinstance(get_generator("small"), SmallGenerator)
-    assert isinstance(get_generator("unet", per_pixel=False), UNetGenerator)
-    assert get_generator("unet", width=8).width == 8
-    assert isinstance(get_generator("coarse"), CoarseGenerator)
-    with pytest.raises(ValueError, match="small.*unet|unet.*small"):
-        get_generator("resnet")
+  assert isinstance(get_generator("small"), SmallGenerator)
+  assert isinstance(get_generator("unet", per_pixel=False), UNetGenerator)
+  assert get_generator("unet", width=8).width == 8
+  assert isinstance(get_generator("coarse"), CoarseGenerator)
+  with pytest.raises(ValueError, match="small.*unet|unet.*small"):
+    get_generator("resnet")
 
 
 def test_input_normalisation_changes_output():
-    x = _images((1, 6, 6, 3))
-    a = SmallGenerator(features=(4,))
-    b = SmallGenerator(features=(4,), input_mean=(0.5, 0.5, 0.5), input_std=(0.25, 0.25, 0.25))
+  x = _images((1, 6, 6, 3))
+  a = SmallGenerator(features=(4,))
+  b = SmallGenerator(features=(4,), input_mean=(0.5, 0.5, 0.5), input_std=(0.25, 0.25, 0.25))
 
-    @jax.jit
-    def both(key):
-        params = a.init(key, x)  # same parameter structure for both
-        return a.apply(params, x), b.apply(params, x)
+  @jax.jit
+  def both(key):
+    params = a.init(key, x)  # same parameter structure for both
+    return a.apply(params, x), b.apply(params, x)
 
-    ya, yb = both(_key())
-    assert np.all(np.isfinite(ya)) and not np.allclose(ya, yb)
+  ya, yb = both(_key())
+  assert np.all(np.isfinite(ya)) and not np.allclose(ya, yb)
 
 
-@pytest.mark.parametrize("name,shape", [("small", (2, 28, 28, 1)), ("unet", (2, 32, 32, 3)),
-                                        ("coarse", (2, 28, 28, 1))])
+@pytest.mark.parametrize(
+  "name,shape", [("small", (2, 28, 28, 1)), ("unet", (2, 32, 32, 3)), ("coarse", (2, 28, 28, 1))]
+)
 def test_near_uniform_at_init_and_gradients(name, shape):
-    x = _images(shape, seed=1)
-    gen = get_generator(name, per_pixel=True)
-    cfg = make_budget_config("contextual", (0.25, 4.0), per_pixel=True)
-    eps0 = 0.1
-    # A non-invariant loss (sum of eps is stationary at uniform budgets, so weight it).
-    w = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
+  x = _images(shape, seed=1)
+  gen = get_generator(name, per_pixel=True)
+  cfg = make_budget_config("contextual", (0.25, 4.0), per_pixel=True)
+  eps0 = 0.1
+  # A non-invariant loss (sum of eps is stationary at uniform budgets, so weight it).
+  w = jnp.asarray(np.random.default_rng(2).normal(size=shape), jnp.float32)
 
-    @jax.jit
-    def run(key):  # one compilation: init, budgets and gradient
-        params = gen.init(key, x)
-        eps_fn = lambda p: budgets(cfg, eps0, gen.apply(p, x), x.shape)
-        return eps_fn(params), jax.grad(lambda p: jnp.sum(w * eps_fn(p)))(params)
+  @jax.jit
+  def run(key):  # one compilation: init, budgets and gradient
+    params = gen.init(key, x)
+    eps_fn = lambda p: budgets(cfg, eps0, gen.apply(p, x), x.shape)
+    return eps_fn(params), jax.grad(lambda p: jnp.sum(w * eps_fn(p)))(params)
 
-    eps, grads = run(_key())
-    assert eps.shape == shape
-    log_eps = np.log(np.asarray(eps, np.float64))
-    dev = np.max(np.abs(log_eps - np.log(eps0)))
-    assert 0 < dev < 0.05, f"budgets not near-uniform at init: max |log eps - log eps0| = {dev}"
-    np.testing.assert_allclose(np.mean(log_eps, axis=(1, 2, 3)), np.log(eps0), atol=1e-5)
+  eps, grads = run(_key())
+  assert eps.shape == shape
+  log_eps = np.log(np.asarray(eps, np.float64))
+  dev = np.max(np.abs(log_eps - np.log(eps0)))
+  assert 0 < dev < 0.05, f"budgets not near-uniform at init: max |log eps - log eps0| = {dev}"
+  np.testing.assert_allclose(np.mean(log_eps, axis=(1, 2, 3)), np.log(eps0), atol=1e-5)
 
-    leaves = jax.tree_util.tree_leaves_with_path(grads)
-    assert all(np.all(np.isfinite(g)) for _, g in leaves)
-    assert any(np.any(g != 0) for _, g in leaves)
-    # The small (not zero) head init lets the gradient reach the body, not only the head.
-    body = [g for path, g in leaves if "head" not in jax.tree_util.keystr(path)]
-    assert body and any(np.any(g != 0) for g in body)
+  leaves = jax.tree_util.tree_leaves_with_path(grads)
+  assert all(np.all(np.isfinite(g)) for _, g in leaves)
+  assert any(np.any(g != 0) for _, g in leaves)
+  # The small (not zero) head init lets the gradient reach the body, not only the head.
+  body = [g for path, g in leaves if "head" not in jax.tree_util.keystr(path)]
+  assert body and any(np.any(g != 0) for g in body)

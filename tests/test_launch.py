@@ -19,8 +19,14 @@ SMALL = ["--num_train_examples=128", "--batch_size=32", "--log_every=2", "--eps=
 
 
 def run(module, *args, timeout=300):
-  return subprocess.run([sys.executable, "-m", module, *args], env=ENV, cwd=ROOT,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    env=ENV,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def assert_clear_error(out, pattern):
@@ -29,14 +35,17 @@ def assert_clear_error(out, pattern):
   assert pattern in out.stderr, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("flag,message", [
+@pytest.mark.parametrize(
+  "flag,message",
+  [
     ("--eps=-0.1", "--eps must be > 0"),
     ("--dataset=imagenet", "value should be one of"),
     ("--model=vgg", "value should be one of"),
     ("--budget_range=2,4", "--budget_range must be 'a,b' with 0 < a <= 1 <= b"),
     ("--budget_range=0.5", "--budget_range must be 'a,b'"),
     ("--batch_size=0", "--batch_size must be > 0"),
-])
+  ],
+)
 def test_bad_flags(tmp_path, flag, message):
   assert_clear_error(run("launch.train", f"--workdir={tmp_path}/w", flag), message)
 
@@ -67,8 +76,9 @@ def _wait_for_checkpoint(workdir, proc, at_least, timeout=240):
   while time.time() < deadline:
     if proc.poll() is not None:
       raise AssertionError(f"training ended before the kill: {proc.stderr.read()[-2000:]}")
-    steps = [int(d) for d in os.listdir(manager_dir) if d.isdigit()] if os.path.isdir(
-        manager_dir) else []
+    steps = (
+      [int(d) for d in os.listdir(manager_dir) if d.isdigit()] if os.path.isdir(manager_dir) else []
+    )
     if steps and max(steps) >= at_least:
       return
     time.sleep(0.05)
@@ -79,8 +89,9 @@ def test_sigkill_then_same_command_resumes_to_the_same_parameters(tmp_path):
   args = ["--steps=40", "--checkpoint_every=4", *SMALL]
   assert run("launch.train", f"--workdir={tmp_path}/straight", *args).returncode == 0
   cmd = [sys.executable, "-m", "launch.train", f"--workdir={tmp_path}/killed", *args]
-  proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   _wait_for_checkpoint(f"{tmp_path}/killed", proc, at_least=8)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -92,14 +103,22 @@ def test_sigkill_then_same_command_resumes_to_the_same_parameters(tmp_path):
   chex.assert_trees_all_equal(_params(f"{tmp_path}/straight"), _params(f"{tmp_path}/killed"))
   records = checkpoints.read_metrics(f"{tmp_path}/killed")
   steps = [r["step"] for r in records if "loss" in r]
-  assert steps == sorted(set(steps)) and steps[-1] == 40     # no duplicates, no gaps at the end
+  assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicates, no gaps at the end
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
-  cmd = [sys.executable, "-m", "launch.train", f"--workdir={tmp_path}/w", "--steps=400",
-         "--checkpoint_every=4", *SMALL]
-  proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  cmd = [
+    sys.executable,
+    "-m",
+    "launch.train",
+    f"--workdir={tmp_path}/w",
+    "--steps=400",
+    "--checkpoint_every=4",
+    *SMALL,
+  ]
+  proc = subprocess.Popen(
+    cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   _wait_for_checkpoint(f"{tmp_path}/w", proc, at_least=4)
   proc.send_signal(signal.SIGTERM)
   stdout, stderr = proc.communicate(timeout=120)

@@ -26,8 +26,10 @@ def setup(dtype=jnp.float32, n=4):
   x = jax.random.uniform(jax.random.key(0), (n, 6, 6, 1), dtype)
   y = jnp.arange(n) % 3
   clf, gen = TinyNet(), SmallGenerator(features=(4,), head_init_scale=1.0)
-  params = {"classifier": clf.init(jax.random.key(1), x)["params"],
-            "budget": gen.init(jax.random.key(2), x)["params"]}
+  params = {
+    "classifier": clf.init(jax.random.key(1), x)["params"],
+    "budget": gen.init(jax.random.key(2), x)["params"],
+  }
   params = jax.tree.map(lambda a: a.astype(dtype), params)
   config = budgets.make_budget_config("contextual", (0.25, 4.0))
   return x, y, clf, gen, params, config
@@ -44,8 +46,11 @@ def test_margin_spec_rows_are_e_y_minus_e_j():
 
 def test_robust_loss_upper_bounds_cross_entropy_in_the_box():
   x, y, clf, gen, params, config = setup()
-  out = jax.jit(lambda p: certified_objective(clf, gen, p, None, x, y, config=config, eps0=0.05,
-                                              method="ibp", num_classes=3))(params)
+  out = jax.jit(
+    lambda p: certified_objective(
+      clf, gen, p, None, x, y, config=config, eps0=0.05, method="ibp", num_classes=3
+    )
+  )(params)
   box = Box.from_budget(x, out.eps)
   pts = jax.random.uniform(jax.random.key(3), (200,) + x.shape, minval=box.lower, maxval=box.upper)
   logits = jax.jit(jax.vmap(lambda z: clf.apply({"params": params["classifier"]}, z)))(pts)
@@ -65,8 +70,19 @@ def test_gradient_reaches_the_generator_and_matches_finite_differences(method):
     x, y, clf, gen, params, config = setup(jnp.float64)
 
     def loss(budget_params):
-      out = certified_objective(clf, gen, {**params, "budget": budget_params}, None, x, y,
-                                config=config, eps0=0.1, method=method, beta=0.5, num_classes=3)
+      out = certified_objective(
+        clf,
+        gen,
+        {**params, "budget": budget_params},
+        None,
+        x,
+        y,
+        config=config,
+        eps0=0.1,
+        method=method,
+        beta=0.5,
+        num_classes=3,
+      )
       return out.robust_loss
 
     loss = jax.jit(loss)
@@ -76,9 +92,11 @@ def test_gradient_reaches_the_generator_and_matches_finite_differences(method):
     check_grads(loss, (params["budget"],), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name,shape", [(n, (28, 28, 1)) for n in classifiers.CLASSIFIERS
-                                        if n not in ("cnn7", "dm_large")]
-                         + [("cnn7", (32, 32, 3)), ("dm_large", (32, 32, 3))])
+@pytest.mark.parametrize(
+  "name,shape",
+  [(n, (28, 28, 1)) for n in classifiers.CLASSIFIERS if n not in ("cnn7", "dm_large")]
+  + [("cnn7", (32, 32, 3)), ("dm_large", (32, 32, 3))],
+)
 def test_every_classifier_is_boundable_and_sound(name, shape):
   model = classifiers.get_classifier(name, 10)
   x = jax.random.uniform(jax.random.key(0), (2,) + shape)

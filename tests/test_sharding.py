@@ -7,8 +7,12 @@ import textwrap
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-                "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+FOUR_DEVICES = {
+  **os.environ,
+  "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  "JAX_PLATFORMS": "cpu",
+  "PYTHONPATH": ROOT,
+}
 
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
@@ -52,17 +56,36 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_equals_single_device_step():
-  out = subprocess.run([sys.executable, "-c", SCRIPT], env=FOUR_DEVICES, cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
+  out = subprocess.run(
+    [sys.executable, "-c", SCRIPT],
+    env=FOUR_DEVICES,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "SHARDED-OK" in out.stdout
 
 
 def test_launcher_runs_on_four_virtual_devices(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "launch.train", f"--workdir={tmp_path}/w",
-                        "--steps=4", "--batch_size=16", "--num_train_examples=64",
-                        "--log_every=2"], env=FOUR_DEVICES, cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.train",
+      f"--workdir={tmp_path}/w",
+      "--steps=4",
+      "--batch_size=16",
+      "--num_train_examples=64",
+      "--log_every=2",
+    ],
+    env=FOUR_DEVICES,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "training on 4 device(s)" in out.stderr
   assert "trained to step 4" in out.stdout

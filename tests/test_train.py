@@ -9,16 +9,27 @@ from cbudget import checkpoints
 from cbudget.evaluate import evaluate, load_run
 from cbudget.train import NonFiniteError, TrainConfig, train
 
-TINY = dict(dataset="shapes", model="dm_small", num_train_examples=256, batch_size=32,
-            log_every=2, checkpoint_every=4, eps=0.1, warmup_fraction=0.0, ramp_fraction=0.5)
+TINY = dict(
+  dataset="shapes",
+  model="dm_small",
+  num_train_examples=256,
+  batch_size=32,
+  log_every=2,
+  checkpoint_every=4,
+  eps=0.1,
+  warmup_fraction=0.0,
+  ramp_fraction=0.5,
+)
 
 
 def tiny(tmp_path, name="run", **kw):
   return TrainConfig(workdir=str(tmp_path / name), **{**TINY, **kw})
 
 
-@pytest.mark.parametrize("budget,method", [("uniform", "ibp"), ("global", "crown-ibp"),
-                                           ("contextual", "ibp"), ("contextual", "crown-ibp")])
+@pytest.mark.parametrize(
+  "budget,method",
+  [("uniform", "ibp"), ("global", "crown-ibp"), ("contextual", "ibp"), ("contextual", "crown-ibp")],
+)
 def test_smoke_train_then_evaluate(tmp_path, budget, method):
   config = tiny(tmp_path, budget=budget, method=method, steps=4)
   result = train(config)
@@ -39,8 +50,15 @@ def test_smoke_train_then_evaluate(tmp_path, budget, method):
 
 def test_clean_le_pgd_le_certified_on_a_trained_model(tmp_path):
   """Trained long enough to certify some examples: the ordering must hold with real numbers."""
-  config = tiny(tmp_path, steps=300, num_train_examples=1024, batch_size=64, checkpoint_every=300,
-                log_every=100, warmup_fraction=0.1)
+  config = tiny(
+    tmp_path,
+    steps=300,
+    num_train_examples=1024,
+    batch_size=64,
+    checkpoint_every=300,
+    log_every=100,
+    warmup_fraction=0.1,
+  )
   train(config)
   r = evaluate(config.workdir, num_examples=200, batch_size=100, pgd_steps=10, x64=True)
   assert r["clean_error"] <= r["pgd_error"]
@@ -55,15 +73,15 @@ def test_resume_equals_uninterrupted(tmp_path):
   straight = tiny(tmp_path, "straight", steps=8)
   train(straight)
   resumed = tiny(tmp_path, "resumed", steps=8)
-  train(resumed, until_step=3)                          # stopped between checkpoints...
+  train(resumed, until_step=3)  # stopped between checkpoints...
   assert checkpoints.Manager(resumed.workdir).latest_step() == 3
-  result = train(resumed)                               # ...and the same command again
+  result = train(resumed)  # ...and the same command again
   assert result["step"] == 8
   a, b = load_run(straight.workdir)[2], load_run(resumed.workdir)[2]
   chex.assert_trees_all_equal(a.params, b.params)
   chex.assert_trees_all_equal(a.opt_state, b.opt_state)
   steps = [r["step"] for r in checkpoints.read_metrics(resumed.workdir) if "loss" in r]
-  assert steps == [2, 4, 6, 8]   # metrics continue from the checkpoint, without duplicates
+  assert steps == [2, 4, 6, 8]  # metrics continue from the checkpoint, without duplicates
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):

@@ -12,8 +12,14 @@ Extend the rules at run time with :func:`register_affine`, :func:`register_activ
 
 from cbudget.bounds._src.api import DEFAULT_REGISTRY, crown, ibp
 from cbudget.bounds._src.box import Box
-from cbudget.bounds._src.registry import (LinearBounds, Registry, UnsupportedPrimitiveError,
-                                          activation_rule, affine_rule, interval_rule)
+from cbudget.bounds._src.registry import (
+  LinearBounds,
+  Registry,
+  UnsupportedPrimitiveError,
+  activation_rule,
+  affine_rule,
+  interval_rule,
+)
 from cbudget.bounds._src.relaxations import SLOPE_CHOICES
 
 
@@ -25,7 +31,9 @@ def register_affine(key, ibp, *, affine_if=None, registry=None, override=False):
   **params) -> Box`` gets concrete arrays and :class:`Box` es. CROWN passes through the operation
   exactly with its vector-Jacobian product.
   """
-  return (registry or DEFAULT_REGISTRY).register(key, affine_rule(ibp, affine_if), override=override)
+  return (registry or DEFAULT_REGISTRY).register(
+    key, affine_rule(ibp, affine_if), override=override
+  )
 
 
 def register_activation(key, ibp, relax=None, *, registry=None, override=False):
@@ -35,8 +43,9 @@ def register_activation(key, ibp, relax=None, *, registry=None, override=False):
   for every point of ``[lower, upper]``; ``op`` evaluates the operation on a concrete array. Without
   ``relax``, CROWN uses the interval bounds at this node.
   """
-  return (registry or DEFAULT_REGISTRY).register(key, activation_rule(ibp, relax),
-                                                 override=override)
+  return (registry or DEFAULT_REGISTRY).register(
+    key, activation_rule(ibp, relax), override=override
+  )
 
 
 def register_interval(key, ibp, *, registry=None, override=False):
@@ -45,7 +54,15 @@ def register_interval(key, ibp, *, registry=None, override=False):
 
 
 __all__ = [
-    "Box", "DEFAULT_REGISTRY", "LinearBounds", "Registry", "SLOPE_CHOICES",
-    "UnsupportedPrimitiveError", "crown", "ibp", "register_activation", "register_affine",
-    "register_interval",
+  "Box",
+  "DEFAULT_REGISTRY",
+  "LinearBounds",
+  "Registry",
+  "SLOPE_CHOICES",
+  "UnsupportedPrimitiveError",
+  "crown",
+  "ibp",
+  "register_activation",
+  "register_affine",
+  "register_interval",
 ]

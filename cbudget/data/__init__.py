@@ -15,15 +15,15 @@ from cbudget.data._synthetic import make_canvas_dataset, make_shapes
 from cbudget.data._types import DataError, Dataset, validate
 
 __all__ = [
-    "DATASETS",
-    "DEFAULT_DATASET",
-    "DataError",
-    "Dataset",
-    "batches",
-    "load",
-    "make_canvas_dataset",
-    "make_shapes",
-    "num_batches",
-    "random_crop_flip",
-    "validate",
+  "DATASETS",
+  "DEFAULT_DATASET",
+  "DataError",
+  "Dataset",
+  "batches",
+  "load",
+  "make_canvas_dataset",
+  "make_shapes",
+  "num_batches",
+  "random_crop_flip",
+  "validate",
 ]

@@ -16,7 +16,7 @@ body on the first step).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -26,146 +26,157 @@ __all__ = ["SmallGenerator", "UNetGenerator", "CoarseGenerator", "GENERATORS", "
 
 
 def _head_init(scale: float):
-    # Variance scales with scale**2, so the weight std is `scale` x LeCun normal.
-    return nn.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
+  # Variance scales with scale**2, so the weight std is `scale` x LeCun normal.
+  return nn.initializers.variance_scaling(scale**2, "fan_in", "truncated_normal")
 
 
 def _head(out_channels: int, scale: float) -> nn.Module:
-    """The 1x1 conv head, small-initialised so that budgets start close to uniform."""
-    return nn.Conv(out_channels, (1, 1), kernel_init=_head_init(scale),
-                   bias_init=nn.initializers.zeros_init(), name="head")
+  """The 1x1 conv head, small-initialised so that budgets start close to uniform."""
+  return nn.Conv(
+    out_channels,
+    (1, 1),
+    kernel_init=_head_init(scale),
+    bias_init=nn.initializers.zeros_init(),
+    name="head",
+  )
 
 
-def _conv_stack(h: jax.Array, features: Sequence[int], out_channels: int,
-                head_init_scale: float) -> jax.Array:
-    """3x3 SAME convs with ReLU (``conv0``, ``conv1``, ...), then the small-initialised 1x1 head.
+def _conv_stack(
+  h: jax.Array, features: Sequence[int], out_channels: int, head_init_scale: float
+) -> jax.Array:
+  """3x3 SAME convs with ReLU (``conv0``, ``conv1``, ...), then the small-initialised 1x1 head.
 
-    Called inside a generator's compact ``__call__``: the layers become that generator's submodules.
-    """
-    for i, f in enumerate(features):
-        h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
-    return _head(out_channels, head_init_scale)(h)
+  Called inside a generator's compact ``__call__``: the layers become that generator's submodules.
+  """
+  for i, f in enumerate(features):
+    h = nn.relu(nn.Conv(f, (3, 3), padding="SAME", name=f"conv{i}")(h))
+  return _head(out_channels, head_init_scale)(h)
 
 
-def _normalize(x: jax.Array, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> jax.Array:
-    """``(x - mean) / std`` per channel; identity for the missing parts."""
-    if mean is not None:
-        x = x - jnp.asarray(mean, x.dtype)
-    if std is not None:
-        x = x / jnp.asarray(std, x.dtype)
-    return x
+def _normalize(
+  x: jax.Array, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> jax.Array:
+  """``(x - mean) / std`` per channel; identity for the missing parts."""
+  if mean is not None:
+    x = x - jnp.asarray(mean, x.dtype)
+  if std is not None:
+    x = x / jnp.asarray(std, x.dtype)
+  return x
 
 
 def _check_images(x: jax.Array) -> None:
-    if x.ndim != 4:
-        raise ValueError(f"generators expect images [N, H, W, C], got shape {x.shape}")
+  if x.ndim != 4:
+    raise ValueError(f"generators expect images [N, H, W, C], got shape {x.shape}")
 
 
 class SmallGenerator(nn.Module):
-    """MNIST-scale generator: 3x3 SAME convs with ReLU, then a 1x1 conv head.
+  """MNIST-scale generator: 3x3 SAME convs with ReLU, then a 1x1 conv head.
 
-    Attributes:
-      per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
-      features: channels of the 3x3 conv layers.
-      head_init_scale: head weight std relative to LeCun normal (small: near-uniform init).
-      input_mean, input_std: optional per-channel normalisation of the [0, 1] input.
-    """
+  Attributes:
+    per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
+    features: channels of the 3x3 conv layers.
+    head_init_scale: head weight std relative to LeCun normal (small: near-uniform init).
+    input_mean, input_std: optional per-channel normalisation of the [0, 1] input.
+  """
 
-    per_pixel: bool = True
-    features: Tuple[int, ...] = (16, 32, 32)
-    head_init_scale: float = 1e-2
-    input_mean: Optional[Tuple[float, ...]] = None
-    input_std: Optional[Tuple[float, ...]] = None
+  per_pixel: bool = True
+  features: tuple[int, ...] = (16, 32, 32)
+  head_init_scale: float = 1e-2
+  input_mean: tuple[float, ...] | None = None
+  input_std: tuple[float, ...] | None = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        _check_images(x)
-        out_ch = 1 if self.per_pixel else x.shape[-1]
-        h = _normalize(x, self.input_mean, self.input_std)
-        return _conv_stack(h, self.features, out_ch, self.head_init_scale)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_images(x)
+    out_ch = 1 if self.per_pixel else x.shape[-1]
+    h = _normalize(x, self.input_mean, self.input_std)
+    return _conv_stack(h, self.features, out_ch, self.head_init_scale)
 
 
 class UNetGenerator(nn.Module):
-    """CIFAR-scale encoder-decoder: one downsample, one upsample, one skip.
+  """CIFAR-scale encoder-decoder: one downsample, one upsample, one skip.
 
-    ``enc``: two 3x3 convs at full resolution (the skip); ``mid``: a stride-2 3x3
-    conv and a 3x3 conv at half resolution; ``dec``: bilinear upsampling back to
-    the skip's exact size (odd sizes work), concatenation with the skip, two 3x3
-    convs and the small-initialised 1x1 head.  ReLU throughout.
+  ``enc``: two 3x3 convs at full resolution (the skip); ``mid``: a stride-2 3x3
+  conv and a 3x3 conv at half resolution; ``dec``: bilinear upsampling back to
+  the skip's exact size (odd sizes work), concatenation with the skip, two 3x3
+  convs and the small-initialised 1x1 head.  ReLU throughout.
 
-    Attributes:
-      per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
-      width: channels at full resolution (``2 * width`` at half resolution).
-      head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
-    """
+  Attributes:
+    per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
+    width: channels at full resolution (``2 * width`` at half resolution).
+    head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
+  """
 
-    per_pixel: bool = True
-    width: int = 32
-    head_init_scale: float = 1e-2
-    input_mean: Optional[Tuple[float, ...]] = None
-    input_std: Optional[Tuple[float, ...]] = None
+  per_pixel: bool = True
+  width: int = 32
+  head_init_scale: float = 1e-2
+  input_mean: tuple[float, ...] | None = None
+  input_std: tuple[float, ...] | None = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        _check_images(x)
-        out_ch = 1 if self.per_pixel else x.shape[-1]
-        w = self.width
-        h = _normalize(x, self.input_mean, self.input_std)
-        h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc0")(h))
-        skip = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc1")(h))
-        h = nn.relu(nn.Conv(2 * w, (3, 3), strides=(2, 2), padding="SAME", name="down")(skip))
-        h = nn.relu(nn.Conv(2 * w, (3, 3), padding="SAME", name="mid")(h))
-        h = jax.image.resize(h, skip.shape[:-1] + (h.shape[-1],), method="bilinear")
-        h = jnp.concatenate([h, skip], axis=-1)
-        h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec0")(h))
-        h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec1")(h))
-        return _head(out_ch, self.head_init_scale)(h)
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_images(x)
+    out_ch = 1 if self.per_pixel else x.shape[-1]
+    w = self.width
+    h = _normalize(x, self.input_mean, self.input_std)
+    h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc0")(h))
+    skip = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc1")(h))
+    h = nn.relu(nn.Conv(2 * w, (3, 3), strides=(2, 2), padding="SAME", name="down")(skip))
+    h = nn.relu(nn.Conv(2 * w, (3, 3), padding="SAME", name="mid")(h))
+    h = jax.image.resize(h, skip.shape[:-1] + (h.shape[-1],), method="bilinear")
+    h = jnp.concatenate([h, skip], axis=-1)
+    h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec0")(h))
+    h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="dec1")(h))
+    return _head(out_ch, self.head_init_scale)(h)
 
 
 class CoarseGenerator(nn.Module):
-    """A cheap generator for budgets that vary on a coarser grid than the pixels.
+  """A cheap generator for budgets that vary on a coarser grid than the pixels.
 
-    Average-pools the image by ``factor``, runs 3x3 SAME convs with ReLU and the small-initialised
-    1x1 head at that resolution, and resizes the raw log-budget map back to the image size
-    (bilinear; odd sizes work). Its cost is about ``1 / factor**2`` of :class:`SmallGenerator` with
-    the same features, so certified training with it costs little more than with uniform budgets
-    (see bench/README.md); the price is budgets that are smooth over ``factor`` pixels.
+  Average-pools the image by ``factor``, runs 3x3 SAME convs with ReLU and the small-initialised
+  1x1 head at that resolution, and resizes the raw log-budget map back to the image size
+  (bilinear; odd sizes work). Its cost is about ``1 / factor**2`` of :class:`SmallGenerator` with
+  the same features, so certified training with it costs little more than with uniform budgets
+  (see bench/README.md); the price is budgets that are smooth over ``factor`` pixels.
 
-    Attributes:
-      per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
-      factor: pooling factor of the working resolution.
-      features: channels of the 3x3 conv layers.
-      head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
-    """
-    per_pixel: bool = True
-    factor: int = 2
-    features: Tuple[int, ...] = (16, 16)
-    head_init_scale: float = 1e-2
-    input_mean: Optional[Tuple[float, ...]] = None
-    input_std: Optional[Tuple[float, ...]] = None
+  Attributes:
+    per_pixel: output ``[N, H, W, 1]`` if True, else ``[N, H, W, C]``.
+    factor: pooling factor of the working resolution.
+    features: channels of the 3x3 conv layers.
+    head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
+  """
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        _check_images(x)
-        out_ch = 1 if self.per_pixel else x.shape[-1]
-        h = _normalize(x, self.input_mean, self.input_std)
-        k = (self.factor, self.factor)
-        h = nn.avg_pool(h, k, strides=k, padding="SAME")
-        h = _conv_stack(h, self.features, out_ch, self.head_init_scale)
-        return jax.image.resize(h, x.shape[:-1] + (out_ch,), method="bilinear")
+  per_pixel: bool = True
+  factor: int = 2
+  features: tuple[int, ...] = (16, 16)
+  head_init_scale: float = 1e-2
+  input_mean: tuple[float, ...] | None = None
+  input_std: tuple[float, ...] | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _check_images(x)
+    out_ch = 1 if self.per_pixel else x.shape[-1]
+    h = _normalize(x, self.input_mean, self.input_std)
+    k = (self.factor, self.factor)
+    h = nn.avg_pool(h, k, strides=k, padding="SAME")
+    h = _conv_stack(h, self.features, out_ch, self.head_init_scale)
+    return jax.image.resize(h, x.shape[:-1] + (out_ch,), method="bilinear")
 
 
 GENERATORS = {"small": SmallGenerator, "unet": UNetGenerator, "coarse": CoarseGenerator}
 
 
 def get_generator(name: str, per_pixel: bool = True, **kwargs) -> nn.Module:
-    """Generator by name ('small', 'unet' or 'coarse'); ``kwargs`` go to the module.
+  """Generator by name ('small', 'unet' or 'coarse'); ``kwargs`` go to the module.
 
-    Raises:
-      ValueError: unknown name (the message lists the valid names).
-    """
-    try:
-        cls = GENERATORS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown generator {name!r}; valid names: {', '.join(sorted(GENERATORS))}") from None
-    return cls(per_pixel=per_pixel, **kwargs)
+  Raises:
+    ValueError: unknown name (the message lists the valid names).
+  """
+  try:
+    cls = GENERATORS[name]
+  except (KeyError, TypeError):
+    raise ValueError(
+      f"unknown generator {name!r}; valid names: {', '.join(sorted(GENERATORS))}"
+    ) from None
+  return cls(per_pixel=per_pixel, **kwargs)

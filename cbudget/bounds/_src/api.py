@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,9 @@ def _check_inputs(box, spec):
   box = as_box(box)
   if not isinstance(box.lower, jax.core.Tracer) and not isinstance(box.upper, jax.core.Tracer):
     if not (bool(jnp.all(jnp.isfinite(box.lower))) and bool(jnp.all(jnp.isfinite(box.upper)))):
-      raise ValueError("the box has non-finite bounds; bounds over infinite boxes are not supported")
+      raise ValueError(
+        "the box has non-finite bounds; bounds over infinite boxes are not supported"
+      )
     if bool(jnp.any(box.lower > box.upper)):
       raise ValueError("the box is empty somewhere (lower > upper)")
   if box.lower.ndim < 1:
@@ -60,8 +62,10 @@ def _output_box(prop, out_id) -> Box:
 def _spec_rows(spec, out_shape, dtype):
   """Coefficient rows ``[S, N, K]`` for a spec ``[N, S, K]`` over outputs ``[N, K]``."""
   if len(out_shape) != 2 or spec.shape[-1] != out_shape[-1]:
-    raise ValueError(f"spec [N, S, K] needs outputs of shape [N, K]; the output is {out_shape} and "
-                     f"K = {spec.shape[-1]}")
+    raise ValueError(
+      f"spec [N, S, K] needs outputs of shape [N, K]; the output is {out_shape} and "
+      f"K = {spec.shape[-1]}"
+    )
   return jnp.swapaxes(spec, 0, 1).astype(dtype)
 
 
@@ -113,9 +117,16 @@ def ibp(fn: Callable, *, registry: Registry | None = None):
   return bound
 
 
-def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "adaptive",
-          chunk_size: int | None = None, memory_limit: int | None = None,
-          need_upper: bool = True, registry: Registry | None = None):
+def crown(
+  fn: Callable,
+  intermediate: str = "ibp",
+  *,
+  relu_lower_slope: str = "adaptive",
+  chunk_size: int | None = None,
+  memory_limit: int | None = None,
+  need_upper: bool = True,
+  registry: Registry | None = None,
+):
   """Linear relaxation propagated backward from the output (CROWN).
 
   Returns ``bound(params, box, spec=None) -> Box``.
@@ -164,12 +175,16 @@ def crown(fn: Callable, intermediate: str = "ibp", *, relu_lower_slope: str = "a
           for i in node.inputs:
             if i in graph.bounded and i != prop.input_id and i not in refined:
               refined.add(i)
-              chunk = chunk_size if memory_limit is None else max(
-                  1, memory_limit // (8 * prop.largest_value_bytes()))
+              chunk = (
+                chunk_size
+                if memory_limit is None
+                else max(1, memory_limit // (8 * prop.largest_value_bytes()))
+              )
               tight = prop.crown_bounds_of(i, chunk)
               old = prop.env[i]
-              prop.env[i] = Box(jnp.maximum(old.lower, tight.lower),
-                                jnp.minimum(old.upper, tight.upper))
+              prop.env[i] = Box(
+                jnp.maximum(old.lower, tight.lower), jnp.minimum(old.upper, tight.upper)
+              )
 
         prop.forward(refine)
       else:

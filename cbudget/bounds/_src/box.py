@@ -29,14 +29,14 @@ class Box(NamedTuple):
 
   @property
   def center(self) -> jax.Array:
-    return self.lower / 2 + self.upper / 2      # (l + u) / 2 could overflow
+    return self.lower / 2 + self.upper / 2  # (l + u) / 2 could overflow
 
   @property
   def radius(self) -> jax.Array:
     return (self.upper - self.lower) / 2
 
   @classmethod
-  def from_budget(cls, x, eps, domain=(0.0, 1.0)) -> "Box":
+  def from_budget(cls, x, eps, domain=(0.0, 1.0)) -> Box:
     """The box ``[x - eps, x + eps]``, intersected with the data ``domain`` (``None`` for none).
 
     ``eps`` is a scalar or any array broadcastable to ``x`` (e.g. one budget per pixel, shared
@@ -51,9 +51,10 @@ class Box(NamedTuple):
       fits = False
     if not fits:
       raise ValueError(
-          f"eps of shape {jnp.shape(eps)} does not broadcast to x of shape {x.shape}; pass a "
-          "scalar, an array of x's shape, or one that broadcasts to it without adding dimensions "
-          "(e.g. [N, H, W, 1] for per-pixel budgets shared across channels)")
+        f"eps of shape {jnp.shape(eps)} does not broadcast to x of shape {x.shape}; pass a "
+        "scalar, an array of x's shape, or one that broadcasts to it without adding dimensions "
+        "(e.g. [N, H, W, 1] for per-pixel budgets shared across channels)"
+      )
     if not isinstance(eps, jax.core.Tracer) and bool(np.any(np.asarray(eps) < 0)):
       raise ValueError(f"eps must be non-negative, got min(eps) = {float(np.min(np.asarray(eps)))}")
     lower, upper = x - eps, x + eps

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +21,26 @@ from jax.extend.core import primitives as P
 
 from cbudget.bounds._src import conv_transpose, relaxations
 from cbudget.bounds._src.box import Box
-from cbudget.bounds._src.registry import (ActivationRule, Affine, LinearBounds, Registry, Relaxation,
-                                          UnsupportedPrimitiveError, bounded_positions, is_box)
+from cbudget.bounds._src.registry import (
+  ActivationRule,
+  Affine,
+  LinearBounds,
+  Registry,
+  Relaxation,
+  UnsupportedPrimitiveError,
+  bounded_positions,
+  is_box,
+)
 
 
 def _require_concrete(args, allowed, name):
   for i, a in enumerate(args):
     if is_box(a) and i not in allowed:
       raise UnsupportedPrimitiveError(
-          f"'{name}' argument {i} depends on the bounded input; cbudget.bounds can only bound "
-          f"'{name}' when that argument is concrete (e.g. indices or a predicate computed from "
-          "params). Register a rule for the enclosing function to handle it.")
+        f"'{name}' argument {i} depends on the bounded input; cbudget.bounds can only bound "
+        f"'{name}' when that argument is concrete (e.g. indices or a predicate computed from "
+        "params). Register a rule for the enclosing function to handle it."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +64,10 @@ class SignedRule:
 
   def ibp(self, args, params, evaluate):
     _require_concrete(args, [i for i in range(len(args)) if self.allowed(i)], self.name)
-    pick = lambda end: [a if not is_box(a) else
-                        (a.lower if (self.signs(i) > 0) == (end == "lower") else a.upper)
-                        for i, a in enumerate(args)]
+    pick = lambda end: [
+      a if not is_box(a) else (a.lower if (self.signs(i) > 0) == (end == "lower") else a.upper)
+      for i, a in enumerate(args)
+    ]
     lows, highs = evaluate(*pick("lower")), evaluate(*pick("upper"))
     return [Box(lo, hi) for lo, hi in zip(lows, highs)]
 
@@ -83,8 +93,9 @@ class BilinearRule:
     bounded = bounded_positions(args)
     if any(i not in self.bounded_ok for i in bounded):
       raise UnsupportedPrimitiveError(
-          f"'{self.name}' with a bounded argument {bounded} is not supported (only argument(s) "
-          f"{self.bounded_ok} may depend on the bounded input)")
+        f"'{self.name}' with a bounded argument {bounded} is not supported (only argument(s) "
+        f"{self.bounded_ok} may depend on the bounded input)"
+      )
     if len(bounded) == 1:
       i = bounded[0]
       box = args[i]
@@ -96,8 +107,10 @@ class BilinearRule:
     if not self.both_ok:
       raise UnsupportedPrimitiveError(f"'{self.name}' of two bounded values is not supported")
     a, b = args
-    if self.name == "mul":   # exact interval product
-      corners = jnp.stack([a.lower * b.lower, a.lower * b.upper, a.upper * b.lower, a.upper * b.upper])
+    if self.name == "mul":  # exact interval product
+      corners = jnp.stack(
+        [a.lower * b.lower, a.lower * b.upper, a.upper * b.lower, a.upper * b.upper]
+      )
       return [Box(corners.min(0), corners.max(0))]
     ca, ra, cb, rb = a.center, a.radius, b.center, b.radius
     c = evaluate(ca, cb)[0]
@@ -125,7 +138,8 @@ class ConvertRule:
   def ibp(self, args, params, evaluate):
     if not jnp.issubdtype(params["new_dtype"], jnp.floating):
       raise UnsupportedPrimitiveError(
-          f"convert_element_type of a bounded value to {params['new_dtype']} is not supported")
+        f"convert_element_type of a bounded value to {params['new_dtype']} is not supported"
+      )
     (box,) = args
     return [Box(evaluate(box.lower)[0], evaluate(box.upper)[0])]
 
@@ -172,15 +186,21 @@ class KinkRule:
     c_safe = jnp.where(finite, c, 0)
     left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
     kink = relaxations.shift(
-        relaxations.two_piece_relaxation(box.lower - c_safe, box.upper - c_safe, left, right,
-                                         options.get("relu_lower_slope", "adaptive")),
-        c_safe, c_safe)
+      relaxations.two_piece_relaxation(
+        box.lower - c_safe,
+        box.upper - c_safe,
+        left,
+        right,
+        options.get("relu_lower_slope", "adaptive"),
+      ),
+      c_safe,
+      c_safe,
+    )
     identity = (c < 0) if self.is_max else (c > 0)
     slope = jnp.where(identity, 1, 0).astype(box.dtype)
     offset = jnp.where(identity, 0, c_safe).astype(box.dtype)
     infinite = LinearBounds(slope, offset, slope, offset)
-    bounds = [jnp.broadcast_to(jnp.where(finite, k, i), box.shape)
-              for k, i in zip(kink, infinite)]
+    bounds = [jnp.broadcast_to(jnp.where(finite, k, i), box.shape) for k, i in zip(kink, infinite)]
     return Relaxation(bounded_positions(args)[0], LinearBounds(*bounds))
 
 
@@ -192,14 +212,17 @@ def _two_piece_ibp(left_right):
   def ibp(l, u, op):
     left, right = left_right(l, op)
     return relaxations.two_piece_interval(l, u, left, right)
+
   return ibp
 
 
 def _two_piece_relax(left_right):
   def relax(l, u, op, options):
     left, right = left_right(l, op)
-    return relaxations.two_piece_relaxation(l, u, left, right,
-                                            options.get("relu_lower_slope", "adaptive"))
+    return relaxations.two_piece_relaxation(
+      l, u, left, right, options.get("relu_lower_slope", "adaptive")
+    )
+
   return relax
 
 
@@ -241,9 +264,24 @@ def _split_primitive():
 
 
 def register_builtins(registry: Registry) -> Registry:
-  for prim in (P.reshape_p, P.broadcast_in_dim_p, P.transpose_p, P.squeeze_p, P.slice_p,
-               P.concatenate_p, P.pad_p, P.reduce_sum_p, P.reduce_window_sum_p, P.copy_p, P.rev_p,
-               P.add_p, P.add_jaxvals_p, P.cumsum_p, P.sharding_constraint_p, _split_primitive()):
+  for prim in (
+    P.reshape_p,
+    P.broadcast_in_dim_p,
+    P.transpose_p,
+    P.squeeze_p,
+    P.slice_p,
+    P.concatenate_p,
+    P.pad_p,
+    P.reduce_sum_p,
+    P.reduce_window_sum_p,
+    P.copy_p,
+    P.rev_p,
+    P.add_p,
+    P.add_jaxvals_p,
+    P.cumsum_p,
+    P.sharding_constraint_p,
+    _split_primitive(),
+  ):
     registry.register(prim, SignedRule(prim.name))
   # Rounding is monotone but not affine: interval bounds only.
   registry.register(P.reduce_precision_p, SignedRule("reduce_precision", affine=False))
@@ -254,8 +292,14 @@ def register_builtins(registry: Registry) -> Registry:
   registry.register(P.dynamic_slice_p, SignedRule("dynamic_slice", allowed=lambda i: i == 0))
   registry.register(P.gather_p, SignedRule("gather", allowed=lambda i: i == 0))
   registry.register(P.convert_element_type_p, ConvertRule())
-  for prim in (P.reduce_max_p, P.reduce_min_p, P.reduce_window_max_p, P.reduce_window_min_p,
-               P.cummax_p, P.cummin_p):
+  for prim in (
+    P.reduce_max_p,
+    P.reduce_min_p,
+    P.reduce_window_max_p,
+    P.reduce_window_min_p,
+    P.cummax_p,
+    P.cummin_p,
+  ):
     registry.register(prim, SignedRule(prim.name, affine=False))
   registry.register(P.mul_p, BilinearRule("mul"))
   registry.register(P.dot_general_p, BilinearRule("dot_general"))
@@ -263,14 +307,19 @@ def register_builtins(registry: Registry) -> Registry:
   registry.register(P.div_p, BilinearRule("div", bounded_ok=(0,), both_ok=False))
   registry.register(P.max_p, KinkRule(is_max=True))
   registry.register(P.min_p, KinkRule(is_max=False))
-  registry.register(P.abs_p, _activation(_two_piece_ibp(_abs_slopes),
-                                         _two_piece_relax(_abs_slopes), True))
-  registry.register("leaky_relu", JaxNNRule(_two_piece_ibp(_leaky_slopes),
-                                            _two_piece_relax(_leaky_slopes), True))
-  registry.register("hard_tanh", JaxNNRule(_hard_tanh_ibp,
-                                           lambda l, u, op: relaxations.hard_tanh_relaxation(l, u)))
-  registry.register(P.logistic_p, _activation(_monotone_ibp,
-                                              lambda l, u, op: relaxations.sigmoid_relaxation(l, u)))
-  registry.register(P.tanh_p, _activation(_monotone_ibp,
-                                          lambda l, u, op: relaxations.tanh_relaxation(l, u)))
+  registry.register(
+    P.abs_p, _activation(_two_piece_ibp(_abs_slopes), _two_piece_relax(_abs_slopes), True)
+  )
+  registry.register(
+    "leaky_relu", JaxNNRule(_two_piece_ibp(_leaky_slopes), _two_piece_relax(_leaky_slopes), True)
+  )
+  registry.register(
+    "hard_tanh", JaxNNRule(_hard_tanh_ibp, lambda l, u, op: relaxations.hard_tanh_relaxation(l, u))
+  )
+  registry.register(
+    P.logistic_p, _activation(_monotone_ibp, lambda l, u, op: relaxations.sigmoid_relaxation(l, u))
+  )
+  registry.register(
+    P.tanh_p, _activation(_monotone_ibp, lambda l, u, op: relaxations.tanh_relaxation(l, u))
+  )
   return registry

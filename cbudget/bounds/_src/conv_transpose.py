@@ -31,9 +31,14 @@ def supports(params) -> bool:
   dilation, no feature or batch groups, batch as the leading axis, no mixed-precision output (what
   Flax's ``nn.Conv`` emits for ungrouped layers). Other convolutions use JAX's own VJP."""
   dn = params["dimension_numbers"]
-  return (all(d == 1 for d in params["lhs_dilation"]) and params["feature_group_count"] == 1
-          and params["batch_group_count"] == 1 and dn.lhs_spec[0] == 0 and dn.out_spec[0] == 0
-          and params.get("preferred_element_type") is None)
+  return (
+    all(d == 1 for d in params["lhs_dilation"])
+    and params["feature_group_count"] == 1
+    and params["batch_group_count"] == 1
+    and dn.lhs_spec[0] == 0
+    and dn.out_spec[0] == 0
+    and params.get("preferred_element_type") is None
+  )
 
 
 def _to_channels_last(x, spec):
@@ -45,24 +50,34 @@ def _to_channels_last(x, spec):
 def _kernel_gradient(ct, g, kernel_shape, params):
   """``d<ct, T(g, w)>/dw`` as one matrix product of ``ct``'s patches with ``g`` (see module doc)."""
   dn = params["dimension_numbers"]
-  ct = _to_channels_last(ct, dn.lhs_spec)                         # [B, S..., Ci]
-  g = _to_channels_last(g, dn.out_spec)                           # [B, O..., Co]
+  ct = _to_channels_last(ct, dn.lhs_spec)  # [B, S..., Ci]
+  g = _to_channels_last(g, dn.out_spec)  # [B, O..., Co]
   spatial_out = g.shape[1:-1]
   window = tuple(kernel_shape[d] for d in dn.rhs_spec[2:])
   strides, dilation = params["window_strides"], params["rhs_dilation"]
   zero = jnp.zeros((), ct.dtype)
-  ct = lax.pad(ct, zero, ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in params["padding"])
-               + ((0, 0, 0),))
+  ct = lax.pad(
+    ct, zero, ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in params["padding"]) + ((0, 0, 0),)
+  )
   patches = []
   for offset in itertools.product(*(range(k) for k in window)):
     start = tuple(o * d for o, d in zip(offset, dilation))
     limit = tuple(s + st * (n - 1) + 1 for s, st, n in zip(start, strides, spatial_out))
-    patches.append(lax.slice(ct, (0,) + start + (0,), (ct.shape[0],) + limit + (ct.shape[-1],),
-                             (1,) + tuple(strides) + (1,)))
-  patches = jnp.concatenate(patches, axis=-1)                     # [B, O..., K*Ci], (k..., ci) order
-  grad = jnp.dot(patches.reshape(-1, patches.shape[-1]).T, g.reshape(-1, g.shape[-1]),
-                 precision=params["precision"])
-  grad = grad.reshape(window + (ct.shape[-1], g.shape[-1]))       # [K..., Ci, Co]
+    patches.append(
+      lax.slice(
+        ct,
+        (0,) + start + (0,),
+        (ct.shape[0],) + limit + (ct.shape[-1],),
+        (1,) + tuple(strides) + (1,),
+      )
+    )
+  patches = jnp.concatenate(patches, axis=-1)  # [B, O..., K*Ci], (k..., ci) order
+  grad = jnp.dot(
+    patches.reshape(-1, patches.shape[-1]).T,
+    g.reshape(-1, g.shape[-1]),
+    precision=params["precision"],
+  )
+  grad = grad.reshape(window + (ct.shape[-1], g.shape[-1]))  # [K..., Ci, Co]
   # Back to the kernel's own layout: canonical axis j holds kernel dim rhs_spec[2:] + (in, out).
   canonical = tuple(dn.rhs_spec[2:]) + (dn.rhs_spec[1], dn.rhs_spec[0])
   return jnp.transpose(grad, tuple(canonical.index(d) for d in range(len(canonical))))
@@ -82,17 +97,26 @@ def _transposed_conv(g, w, params, lhs_spatial):
   axes[out_feature], axes[in_feature] = in_feature, out_feature
   kernel = jnp.transpose(kernel, axes)
   padding = []
-  for size, k, s, d, (lo, hi) in zip(lhs_spatial, (w.shape[i] for i in spatial),
-                                     params["window_strides"], params["rhs_dilation"],
-                                     params["padding"]):
+  for size, k, s, d, (lo, hi) in zip(
+    lhs_spatial,
+    (w.shape[i] for i in spatial),
+    params["window_strides"],
+    params["rhs_dilation"],
+    params["padding"],
+  ):
     k_eff = (k - 1) * d + 1
-    uncovered = (size + lo + hi - k_eff) % s      # input rows the strided windows never reach
+    uncovered = (size + lo + hi - k_eff) % s  # input rows the strided windows never reach
     padding.append((k_eff - 1 - lo, k_eff - 1 - hi + uncovered))
   return lax.conv_general_dilated(
-      g, kernel, window_strides=(1,) * len(spatial), padding=padding,
-      lhs_dilation=params["window_strides"], rhs_dilation=params["rhs_dilation"],
-      dimension_numbers=lax.ConvDimensionNumbers(dn.out_spec, dn.rhs_spec, dn.lhs_spec),
-      precision=params["precision"])
+    g,
+    kernel,
+    window_strides=(1,) * len(spatial),
+    padding=padding,
+    lhs_dilation=params["window_strides"],
+    rhs_dilation=params["rhs_dilation"],
+    dimension_numbers=lax.ConvDimensionNumbers(dn.out_spec, dn.rhs_spec, dn.lhs_spec),
+    precision=params["precision"],
+  )
 
 
 def transpose_rows(evaluate, params, lhs, rhs):

@@ -41,8 +41,10 @@ def _ibp_node(node: Node, args) -> list:
     raise UnsupportedPrimitiveError(f"{e} [at {node.describe()}]") from None
   outs = [outs] if isinstance(outs, Box) else list(outs)
   if len(outs) != len(node.outputs):
-    raise ValueError(f"the bound rule for {node.describe()} returned {len(outs)} outputs, expected "
-                     f"{len(node.outputs)}")
+    raise ValueError(
+      f"the bound rule for {node.describe()} returned {len(outs)} outputs, expected "
+      f"{len(node.outputs)}"
+    )
   return outs
 
 
@@ -58,7 +60,7 @@ class Propagator:
     self.input_id = graph.inputs[-1]
     self.env[self.input_id] = box
     self.producer = graph.producer_index()
-    self._linear: dict[int, Any] = {}   # node index -> linearisation, fixed once computed
+    self._linear: dict[int, Any] = {}  # node index -> linearisation, fixed once computed
 
   # -- forward ---------------------------------------------------------------------------------
 
@@ -127,7 +129,7 @@ class Propagator:
       return _contract(lam, self.env[target])
     lams = {target: lam}
     bias = jnp.zeros(lam.shape[:2], lam.dtype)
-    stop = self.producer.get(target, -1)     # -1: the target is the input itself
+    stop = self.producer.get(target, -1)  # -1: the target is the input itself
     for index in range(stop, -1, -1):
       node = self.graph.nodes[index]
       if not node.bounded or not any(o in lams for o in node.outputs):
@@ -138,7 +140,9 @@ class Propagator:
         for o, lo in zip(node.outputs, out_lams):
           if lo is not None:
             box = self.env[o]
-            bias += _contract(jnp.maximum(lo, 0), box.lower) + _contract(jnp.minimum(lo, 0), box.upper)
+            bias += _contract(jnp.maximum(lo, 0), box.lower) + _contract(
+              jnp.minimum(lo, 0), box.upper
+            )
       elif isinstance(lin, Relaxation):
         (lo,) = out_lams
         pos, neg = jnp.maximum(lo, 0), jnp.minimum(lo, 0)
@@ -147,8 +151,10 @@ class Propagator:
         self._accumulate(lams, node.inputs[lin.index], pos * b.lower_slope + neg * b.upper_slope)
       else:
         bounded, offsets, pullback = lin
-        cotangents = [jnp.zeros((lam.shape[0],) + jnp.shape(off), lam.dtype) if lo is None else lo
-                      for lo, off in zip(out_lams, offsets)]
+        cotangents = [
+          jnp.zeros((lam.shape[0],) + jnp.shape(off), lam.dtype) if lo is None else lo
+          for lo, off in zip(out_lams, offsets)
+        ]
         for lo, off in zip(out_lams, offsets):
           if lo is not None:
             bias += _contract(lo, off)
@@ -158,7 +164,9 @@ class Propagator:
     lam_x = lams.pop(self.input_id, None)
     if lam_x is not None:
       box = self.env[self.input_id]
-      bias += _contract(jnp.maximum(lam_x, 0), box.lower) + _contract(jnp.minimum(lam_x, 0), box.upper)
+      bias += _contract(jnp.maximum(lam_x, 0), box.lower) + _contract(
+        jnp.minimum(lam_x, 0), box.upper
+      )
     if lams:
       raise RuntimeError(f"internal error: coefficients left on values {sorted(lams)}")
     return bias
@@ -171,8 +179,11 @@ class Propagator:
 
   def largest_value_bytes(self) -> int:
     """Bytes of the largest value that depends on x, for one example."""
-    sizes = [math.prod(v.shape[1:]) * jnp.dtype(v.dtype).itemsize
-             for v in self.env.values() if isinstance(v, Box)]
+    sizes = [
+      math.prod(v.shape[1:]) * jnp.dtype(v.dtype).itemsize
+      for v in self.env.values()
+      if isinstance(v, Box)
+    ]
     return max(sizes, default=1)
 
   def crown_bounds_of(self, target: int, chunk_size: int | None) -> Box:
@@ -193,7 +204,7 @@ class Propagator:
       valid = (r < rows).astype(dtype)
       lam = jax.nn.one_hot(r % size, size, dtype=dtype) * (sign * valid)[:, None]
       lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk,) + shape)
-      return self.backward(target, lam)                                   # [chunk, N]
+      return self.backward(target, lam)  # [chunk, N]
 
     if num_chunks == 1:
       out = run(0)

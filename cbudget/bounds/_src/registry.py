@@ -21,7 +21,8 @@ cover the cases users meet; a custom object with the two methods works too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -115,7 +116,8 @@ class ActivationRule:
     bounded = bounded_positions(args)
     if len(bounded) != 1:
       raise UnsupportedPrimitiveError(
-          f"an activation rule needs exactly one bounded input, got {len(bounded)}")
+        f"an activation rule needs exactly one bounded input, got {len(bounded)}"
+      )
     index = bounded[0]
 
     def op(z):
@@ -200,8 +202,9 @@ class Registry:
   def register(self, key, rule, *, override: bool = False):
     k = rule_key(key)
     if k in self._rules and not override:
-      raise ValueError(f"a bound rule for {_key_name(k)} is already registered; pass override=True "
-                       "to replace it")
+      raise ValueError(
+        f"a bound rule for {_key_name(k)} is already registered; pass override=True to replace it"
+      )
     self._rules[k] = rule
     return rule
 
@@ -211,7 +214,7 @@ class Registry:
   def __contains__(self, key):
     return rule_key(key) in self._rules
 
-  def copy(self) -> "Registry":
+  def copy(self) -> Registry:
     return Registry(self._rules)
 
   def keys(self) -> Sequence[Any]:

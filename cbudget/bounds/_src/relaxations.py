@@ -73,8 +73,12 @@ def two_piece_relaxation(l, u, left, right, slope_choice="adaptive") -> LinearBo
 
 def shift(bounds: LinearBounds, z_shift, y_shift) -> LinearBounds:
   """Bounds of ``y_shift + g(z - z_shift)`` from bounds of ``g``: ``a (z - c) + b + d``."""
-  return LinearBounds(bounds.lower_slope, bounds.lower_offset - bounds.lower_slope * z_shift + y_shift,
-                      bounds.upper_slope, bounds.upper_offset - bounds.upper_slope * z_shift + y_shift)
+  return LinearBounds(
+    bounds.lower_slope,
+    bounds.lower_offset - bounds.lower_slope * z_shift + y_shift,
+    bounds.upper_slope,
+    bounds.upper_offset - bounds.upper_slope * z_shift + y_shift,
+  )
 
 
 def hard_tanh_relaxation(l, u) -> LinearBounds:
@@ -97,8 +101,8 @@ def hard_tanh_relaxation(l, u) -> LinearBounds:
   chord_offset = h(l) - chord * l
   below, above = u <= -1, l >= 1
   linear_mid = (l >= -1) & (u <= 1)
-  concave = (l >= -1) & (u > 1) & (l < 1)     # kink at 1 only
-  convex = (u <= 1) & (l < -1) & (u > -1)     # kink at -1 only
+  concave = (l >= -1) & (u > 1) & (l < 1)  # kink at 1 only
+  convex = (u <= 1) & (l < -1) & (u > -1)  # kink at -1 only
   both = (l < -1) & (u > 1)
   # Concave: lower chord; upper z (if most of [l, u] is below 1) or the constant 1.
   cc_up_slope = jnp.where(1 - l > u - 1, one, zero)
@@ -110,8 +114,9 @@ def hard_tanh_relaxation(l, u) -> LinearBounds:
   both_lo_slope = _safe_div(2 * one, u + 1, both)
 
   def pick(const_below, const_above, mid, cc, cv, bb):
-    return jnp.select([below, above, linear_mid, concave, convex, both],
-                      [const_below, const_above, mid, cc, cv, bb]).astype(dtype)
+    return jnp.select(
+      [below, above, linear_mid, concave, convex, both], [const_below, const_above, mid, cc, cv, bb]
+    ).astype(dtype)
 
   lo_slope = pick(zero, zero, one, chord, cv_lo_slope, both_lo_slope)
   lo_offset = pick(-one, one, zero, chord_offset, cv_lo_offset, both_lo_slope - 1)
@@ -154,11 +159,14 @@ def s_shaped_relaxation(l, u, f, df, iterations: int = 30) -> LinearBounds:
     up_ok = phi(m_up) >= 0
     m_lo = (lo_lo + hi_lo) / 2
     lo_ok = psi(m_lo) <= 0
-    return (jnp.where(up_ok, lo_up, m_up), jnp.where(up_ok, m_up, hi_up),
-            jnp.where(lo_ok, m_lo, lo_lo), jnp.where(lo_ok, hi_lo, m_lo))
+    return (
+      jnp.where(up_ok, lo_up, m_up),
+      jnp.where(up_ok, m_up, hi_up),
+      jnp.where(lo_ok, m_lo, lo_lo),
+      jnp.where(lo_ok, hi_lo, m_lo),
+    )
 
-  _, d_up, d_lo, _ = lax.fori_loop(0, iterations, bisect,
-                                   (zeros, u_pos, l_neg, zeros))
+  _, d_up, d_lo, _ = lax.fori_loop(0, iterations, bisect, (zeros, u_pos, l_neg, zeros))
   d_up, d_lo = lax.stop_gradient(d_up), lax.stop_gradient(d_lo)
   up_tangent = df(d_up)
   up_tangent_offset = f(d_up) - up_tangent * d_up
@@ -168,14 +176,22 @@ def s_shaped_relaxation(l, u, f, df, iterations: int = 30) -> LinearBounds:
   lo_use_chord = psi(l_neg) > 0
 
   convex, concave = u <= 0, l >= 0
-  up_slope = jnp.where(convex, chord, jnp.where(concave, tangent,
-                                                jnp.where(up_use_chord, chord, up_tangent)))
-  up_offset = jnp.where(convex, chord_offset, jnp.where(
-      concave, tangent_offset, jnp.where(up_use_chord, chord_offset, up_tangent_offset)))
-  lo_slope = jnp.where(convex, tangent, jnp.where(concave, chord,
-                                                  jnp.where(lo_use_chord, chord, lo_tangent)))
-  lo_offset = jnp.where(convex, tangent_offset, jnp.where(
-      concave, chord_offset, jnp.where(lo_use_chord, chord_offset, lo_tangent_offset)))
+  up_slope = jnp.where(
+    convex, chord, jnp.where(concave, tangent, jnp.where(up_use_chord, chord, up_tangent))
+  )
+  up_offset = jnp.where(
+    convex,
+    chord_offset,
+    jnp.where(concave, tangent_offset, jnp.where(up_use_chord, chord_offset, up_tangent_offset)),
+  )
+  lo_slope = jnp.where(
+    convex, tangent, jnp.where(concave, chord, jnp.where(lo_use_chord, chord, lo_tangent))
+  )
+  lo_offset = jnp.where(
+    convex,
+    tangent_offset,
+    jnp.where(concave, chord_offset, jnp.where(lo_use_chord, chord_offset, lo_tangent_offset)),
+  )
   return LinearBounds(lo_slope, lo_offset, up_slope, up_offset)
 
 
