@@ -5,12 +5,13 @@ Entry points, each ``method(fn) -> bound(params, box, ...)``, jit/grad/vmap comp
 * :func:`ibp` — interval bound propagation.
 * :func:`crown` — linear relaxations propagated backward (CROWN-IBP with ``intermediate="ibp"``,
   full CROWN with ``intermediate="crown"``).
+* :func:`crown_ibp` — IBP and CROWN-IBP bounds from one shared forward pass (CROWN-IBP training).
 
 Extend the rules at run time with :func:`register_affine`, :func:`register_activation` and
 :func:`register_interval` (or on a private :class:`Registry`).
 """
 
-from cbudget.bounds._src.api import DEFAULT_REGISTRY, crown, ibp
+from cbudget.bounds._src.api import DEFAULT_REGISTRY, CrownIbpBounds, crown, crown_ibp, ibp
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.registry import (
   LinearBounds,
@@ -55,12 +56,14 @@ def register_interval(key, ibp, *, registry=None, override=False):
 
 __all__ = [
   "Box",
+  "CrownIbpBounds",
   "DEFAULT_REGISTRY",
   "LinearBounds",
   "Registry",
   "SLOPE_CHOICES",
   "UnsupportedPrimitiveError",
   "crown",
+  "crown_ibp",
   "ibp",
   "register_activation",
   "register_affine",
