@@ -22,16 +22,19 @@ from cbudget.bounds._src.graph import Graph, Node
 from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiveError
 
 
-def _contract(lam, value):
-  """``sum(lam * value)`` per row and example: ``[R, N, ...] x [N, ...] -> [R, N]``.
+def _contract(lam, value, axis: int = 0):
+  """``sum(lam * value)`` per row and example: ``[R, ...] x [...] -> [R, N]``.
 
-  A batched matrix-vector product rather than a broadcast multiply and sum: XLA's CPU backend
-  materialises the broadcast ``value`` for every row, and its gradient w.r.t. ``value`` (a sum over
-  rows) is a slow reduction there; as a ``dot_general`` both are one pass over ``lam``.
+  ``axis`` is the value's batch axis (``lam`` has it one further on, after the rows). A batched
+  matrix-vector product rather than a broadcast multiply and sum: XLA's CPU backend materialises
+  the broadcast ``value`` for every row, and its gradient w.r.t. ``value`` (a sum over rows) is a
+  slow reduction there; as a ``dot_general`` both are one pass over ``lam``.
   """
+  value = jnp.broadcast_to(value, lam.shape[1:])
+  if axis:
+    lam, value = jnp.moveaxis(lam, axis + 1, 1), jnp.moveaxis(value, axis, 0)
   r, n = lam.shape[:2]
-  value = jnp.broadcast_to(value, lam.shape[1:]).reshape(n, -1)
-  return jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.astype(lam.dtype))
+  return jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.reshape(n, -1).astype(lam.dtype))
 
 
 def _ibp_node(node: Node, args) -> list:
@@ -48,6 +51,14 @@ def _ibp_node(node: Node, args) -> list:
   return outs
 
 
+def _intersect(ibp: Box, tight: Box) -> Box:
+  """The intersection of two sound boxes. A NaN bound (a CROWN pass that met an infinite bound,
+  0 * inf) is no information: the other bound is kept, never the NaN read as a number."""
+  lower = jnp.where(jnp.isnan(tight.lower), ibp.lower, jnp.maximum(ibp.lower, tight.lower))
+  upper = jnp.where(jnp.isnan(tight.upper), ibp.upper, jnp.minimum(ibp.upper, tight.upper))
+  return Box(lower, upper)
+
+
 class Propagator:
   """Holds the bounds of every value of one example and runs backward passes over them."""
 
@@ -60,16 +71,29 @@ class Propagator:
     self.input_id = graph.inputs[-1]
     self.env[self.input_id] = box
     self.producer = graph.producer_index()
+    self.batch_size = box.shape[0]
     self._linear: dict[int, Any] = {}  # node index -> linearisation, fixed once computed
 
   # -- forward ---------------------------------------------------------------------------------
 
-  def forward(self, refine=None):
-    """Bounds for every value in topological order; ``refine(index, node)`` may first tighten a
-    node's bounded inputs (full CROWN does, with backward passes)."""
-    for index, node in enumerate(self.graph.nodes):
-      if node.bounded and refine is not None:
-        refine(index, node)
+  def forward(self, crown_chunk_size: int | None | bool = False):
+    """Bounds for every value in topological order.
+
+    With ``crown_chunk_size`` other than ``False`` (full CROWN), the bounded inputs of every node
+    that is not affine are first tightened by CROWN backward passes (at most ``crown_chunk_size``
+    (row, example) pairs each, ``None`` for all rows at once), intersected with their IBP bounds.
+    """
+    refined = set()
+    for node in self.graph.nodes:
+      if (
+        node.bounded
+        and crown_chunk_size is not False
+        and getattr(node.rule, "kind", "") != "affine"
+      ):
+        for i in node.inputs:
+          if i in self.graph.bounded and i != self.input_id and i not in refined:
+            refined.add(i)
+            self.env[i] = _intersect(self.env[i], self.crown_bounds_of(i, crown_chunk_size))
       args = [self.env[i] for i in node.inputs]
       outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
       self.env.update(zip(node.outputs, outs))
@@ -127,8 +151,9 @@ class Propagator:
     """
     if target not in self.graph.bounded:
       return _contract(lam, self.env[target])
+    axis = self.graph.batch_axis
     lams = {target: lam}
-    bias = jnp.zeros(lam.shape[:2], lam.dtype)
+    bias = jnp.zeros((lam.shape[0], self.batch_size), lam.dtype)
     stop = self.producer.get(target, -1)  # -1: the target is the input itself
     for index in range(stop, -1, -1):
       node = self.graph.nodes[index]
@@ -139,15 +164,13 @@ class Propagator:
       if lin is None:
         for o, lo in zip(node.outputs, out_lams):
           if lo is not None:
-            box = self.env[o]
-            bias += _contract(jnp.maximum(lo, 0), box.lower) + _contract(
-              jnp.minimum(lo, 0), box.upper
-            )
+            bias += self._interval_term(lo, self.env[o], axis[o])
       elif isinstance(lin, Relaxation):
         (lo,) = out_lams
         pos, neg = jnp.maximum(lo, 0), jnp.minimum(lo, 0)
         b = lin.bounds
-        bias += _contract(pos, b.lower_offset) + _contract(neg, b.upper_offset)
+        z = axis[node.inputs[lin.index]]
+        bias += _contract(pos, b.lower_offset, z) + _contract(neg, b.upper_offset, z)
         self._accumulate(lams, node.inputs[lin.index], pos * b.lower_slope + neg * b.upper_slope)
       else:
         bounded, offsets, pullback = lin
@@ -155,21 +178,25 @@ class Propagator:
           jnp.zeros((lam.shape[0],) + jnp.shape(off), lam.dtype) if lo is None else lo
           for lo, off in zip(out_lams, offsets)
         ]
-        for lo, off in zip(out_lams, offsets):
+        for o, lo, off in zip(node.outputs, out_lams, offsets):
           if lo is not None:
-            bias += _contract(lo, off)
+            bias += _contract(lo, off, axis[o])
         in_lams = pullback(cotangents)
         for i, in_lam in zip(bounded, in_lams):
           self._accumulate(lams, node.inputs[i], in_lam)
     lam_x = lams.pop(self.input_id, None)
     if lam_x is not None:
-      box = self.env[self.input_id]
-      bias += _contract(jnp.maximum(lam_x, 0), box.lower) + _contract(
-        jnp.minimum(lam_x, 0), box.upper
-      )
+      bias += self._interval_term(lam_x, self.env[self.input_id], 0)
     if lams:
       raise RuntimeError(f"internal error: coefficients left on values {sorted(lams)}")
     return bias
+
+  @staticmethod
+  def _interval_term(lam, box: Box, axis: int):
+    """The lower bound of ``<lam, value>`` over the value's interval bounds."""
+    return _contract(jnp.maximum(lam, 0), box.lower, axis) + _contract(
+      jnp.minimum(lam, 0), box.upper, axis
+    )
 
   @staticmethod
   def _accumulate(lams, key, lam):
@@ -180,7 +207,7 @@ class Propagator:
   def largest_value_bytes(self) -> int:
     """Bytes of the largest value that depends on x, for one example."""
     sizes = [
-      math.prod(v.shape[1:]) * jnp.dtype(v.dtype).itemsize
+      math.prod(v.shape) // self.batch_size * jnp.dtype(v.dtype).itemsize
       for v in self.env.values()
       if isinstance(v, Box)
     ]
@@ -191,7 +218,9 @@ class Propagator:
     examples at once). One backward pass carries at most ``chunk_size`` (row, example) pairs, so
     memory is about ``chunk_size`` times the largest per-example value, whatever the batch."""
     shape = self.env[target].shape
-    n, per_example = shape[0], shape[1:]
+    axis = self.graph.batch_axis.get(target, 0)
+    n = shape[axis]
+    per_example = shape[:axis] + shape[axis + 1 :]  # rows are built batch-first, then moved
     size = math.prod(per_example)
     dtype = self.env[target].dtype
     rows = 2 * size
@@ -203,14 +232,13 @@ class Propagator:
       sign = jnp.where(r < size, 1, -1).astype(dtype)
       valid = (r < rows).astype(dtype)
       lam = jax.nn.one_hot(r % size, size, dtype=dtype) * (sign * valid)[:, None]
-      lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk,) + shape)
-      return self.backward(target, lam)  # [chunk, N]
+      lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk, n) + per_example)
+      return self.backward(target, jnp.moveaxis(lam, 1, axis + 1))  # [chunk, N]
 
     if num_chunks == 1:
       out = run(0)
     else:
       self.prepare(target)
       out = lax.map(run, jnp.arange(num_chunks) * chunk).reshape(-1, n)
-    lower = out[:size].T.reshape(shape)
-    upper = -out[size:rows].T.reshape(shape)
-    return Box(lower, upper)
+    per_row = lambda o: jnp.moveaxis(o.T.reshape((n,) + per_example), 0, axis)
+    return Box(per_row(out[:size]), per_row(-out[size:rows]))
