@@ -154,6 +154,7 @@ def crown(
   chunk_size: int | None = None,
   memory_limit: int | None = None,
   need_upper: bool = True,
+  sparse: bool = True,
   registry: Registry | None = None,
 ):
   """Linear relaxation propagated backward from the output (CROWN).
@@ -168,6 +169,10 @@ def crown(
     CNN-7 is in ``bench/README.md``); ``None`` runs all rows of a layer at once. ``memory_limit``
     (bytes) picks ``chunk_size`` instead, as ``memory_limit / (8 x largest per-example value)``; the
     factor 8 covers the values a pass keeps alive (XLA planned 4.6 for CNN-7).
+  * ``sparse`` (full CROWN): intermediate backward passes only for the elements whose relaxation
+    the cheaper bounds leave inexact (unstable ReLUs); stable ones keep their bounds, which is
+    exact for them. The chunks (see ``chunk_size``) past the needed rows are skipped, so the cost
+    follows the number of unstable neurons. ``False`` bounds every element (dense).
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.
@@ -194,7 +199,7 @@ def crown(
       chunk = chunk_size
       if memory_limit is not None:
         chunk = max(1, memory_limit // (8 * prop.largest_value_bytes()))
-      prop.forward(crown_chunk_size=chunk)
+      prop.forward(crown_chunk_size=chunk, sparse=sparse)
     else:
       prop.forward()
     return _crown_bounds(prop, spec, out_id, need_upper)

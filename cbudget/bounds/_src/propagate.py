@@ -76,12 +76,15 @@ class Propagator:
 
   # -- forward ---------------------------------------------------------------------------------
 
-  def forward(self, crown_chunk_size: int | None | bool = False):
+  def forward(self, crown_chunk_size: int | None | bool = False, sparse: bool = True):
     """Bounds for every value in topological order.
 
     With ``crown_chunk_size`` other than ``False`` (full CROWN), the bounded inputs of every node
     that is not affine are first tightened by CROWN backward passes (at most ``crown_chunk_size``
     (row, example) pairs each, ``None`` for all rows at once), intersected with their IBP bounds.
+    With ``sparse``, only the elements whose relaxation the current bounds leave inexact (unstable
+    ReLUs) get backward passes; the relaxation of the others is exact already and stays so on any
+    sub-interval, so tighter bounds would not change it.
     """
     refined = set()
     for node in self.graph.nodes:
@@ -93,10 +96,31 @@ class Propagator:
         for i in node.inputs:
           if i in self.graph.bounded and i != self.input_id and i not in refined:
             refined.add(i)
-            self.env[i] = _intersect(self.env[i], self.crown_bounds_of(i, crown_chunk_size))
+            needed = self._inexact_elements(i) if sparse else None
+            tight = self.crown_bounds_of(i, crown_chunk_size, needed)
+            self.env[i] = _intersect(self.env[i], tight)
       args = [self.env[i] for i in node.inputs]
       outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
       self.env.update(zip(node.outputs, outs))
+
+  def _inexact_elements(self, value: int):
+    """Elements of ``value`` whose bounds matter to some non-affine node that reads it: those the
+    node's relaxation does not represent exactly (``None``: all of them)."""
+    needed = None
+    for node in self.graph.nodes:
+      if value not in node.inputs or getattr(node.rule, "kind", "") == "affine":
+        continue
+      if not all(i in self.env for i in node.inputs):
+        return None  # a later node that needs more than this value: keep every element
+      args = [self.env[i] for i in node.inputs]
+      lin = node.rule.linearize(args, node.params, node.evaluate, self.options)
+      if not isinstance(lin, Relaxation) or node.inputs[lin.index] != value:
+        return None
+      b = lin.bounds
+      exact = (b.lower_slope == b.upper_slope) & (b.lower_offset == b.upper_offset)
+      inexact = jnp.broadcast_to(~exact, self.env[value].shape)
+      needed = inexact if needed is None else needed | inexact
+    return needed
 
   # -- backward --------------------------------------------------------------------------------
 
@@ -213,10 +237,16 @@ class Propagator:
     ]
     return max(sizes, default=1)
 
-  def crown_bounds_of(self, target: int, chunk_size: int | None) -> Box:
-    """CROWN bounds of every element of ``target`` (rows: +e_k for lower, -e_k for upper, for all
+  def crown_bounds_of(self, target: int, chunk_size: int | None, needed=None) -> Box:
+    """CROWN bounds of the elements of ``target`` (rows: +e_k for lower, -e_k for upper, for all
     examples at once). One backward pass carries at most ``chunk_size`` (row, example) pairs, so
-    memory is about ``chunk_size`` times the largest per-example value, whatever the batch."""
+    memory is about ``chunk_size`` times the largest per-example value, whatever the batch.
+
+    ``needed`` (booleans of the target's shape): only elements needed in some example are bounded,
+    the others get ``[-inf, inf]`` (no information). Their rows are ordered first and the chunks
+    past them are skipped at run time (``lax.cond``), so the cost follows the number of needed
+    elements while every shape stays static (jit).
+    """
     shape = self.env[target].shape
     axis = self.graph.batch_axis.get(target, 0)
     n = shape[axis]
@@ -226,12 +256,19 @@ class Propagator:
     rows = 2 * size
     chunk = rows if chunk_size is None else max(1, min(chunk_size // n, rows))
     num_chunks = -(-rows // chunk)
+    if needed is None:
+      order, count = jnp.arange(size), size
+    else:
+      wanted = jnp.any(jnp.moveaxis(needed, axis, 0).reshape(n, size), axis=0)
+      order = jnp.argsort(~wanted, stable=True)  # the needed elements first
+      count = jnp.sum(wanted)
+    # Row p bounds element order[p // 2]: from below for even p, from above for odd p.
+    element = order[jnp.minimum(jnp.arange(num_chunks * chunk) // 2, size - 1)]
 
     def run(start):
-      r = start + jnp.arange(chunk)
-      sign = jnp.where(r < size, 1, -1).astype(dtype)
-      valid = (r < rows).astype(dtype)
-      lam = jax.nn.one_hot(r % size, size, dtype=dtype) * (sign * valid)[:, None]
+      p = start + jnp.arange(chunk)
+      sign = jnp.where(p % 2 == 0, 1, -1) * (p < 2 * count)
+      lam = jax.nn.one_hot(element[p], size, dtype=dtype) * sign.astype(dtype)[:, None]
       lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk, n) + per_example)
       return self.backward(target, jnp.moveaxis(lam, 1, axis + 1))  # [chunk, N]
 
@@ -239,6 +276,12 @@ class Propagator:
       out = run(0)
     else:
       self.prepare(target)
-      out = lax.map(run, jnp.arange(num_chunks) * chunk).reshape(-1, n)
+      skip = lambda start: jnp.zeros((chunk, n), dtype)
+      starts = jnp.arange(num_chunks) * chunk
+      out = lax.map(lambda s: lax.cond(s < 2 * count, run, skip, s), starts).reshape(-1, n)
+    p = jnp.arange(num_chunks * chunk)
+    unused = jnp.where(p < 2 * count, element, size)  # index `size` is dropped by the scatter
+    lower = jnp.full((size, n), -jnp.inf, dtype).at[unused[0::2]].set(out[0::2], mode="drop")
+    upper = jnp.full((size, n), jnp.inf, dtype).at[unused[1::2]].set(-out[1::2], mode="drop")
     per_row = lambda o: jnp.moveaxis(o.T.reshape((n,) + per_example), 0, axis)
-    return Box(per_row(out[:size]), per_row(-out[size:rows]))
+    return Box(per_row(lower), per_row(upper))
