@@ -283,7 +283,7 @@ def best_intensity_rule(
     flagged = in_interval if flag_inside else ~in_interval
     auroc = mean_relevance_auroc(np.where(flagged, 1.0, 2.0), positive)
     where = _describe_levels(lo, hi, num_levels)
-    return auroc, f"small budget iff {'' if flag_inside else 'not '}{where}"
+    return auroc, f"small budget iff {where if flag_inside else f'not ({where})'}"
 
   candidates = [binary_rule(*inside, True), binary_rule(*outside, False)]
   with np.errstate(over="ignore"):
@@ -320,7 +320,6 @@ def _describe_levels(lo: int, hi: int, num_levels: int) -> str:
   """Levels lo..hi of `intensity_levels` as a condition on x."""
   if hi == 0:
     return "x == 0"
-  lower = "x >= 0" if lo == 0 else "x > 0" if lo == 1 else f"x >= {(lo - 1.5) / num_levels:.3f}"
-  if hi == num_levels + 1:
-    return lower
-  return f"{lower} and x < {(hi - 0.5) / num_levels:.3f}"
+  upper = None if hi == num_levels + 1 else f"x < {(hi - 0.5) / num_levels:.3f}"
+  lower = None if lo == 0 else "x > 0" if lo == 1 else f"x >= {(lo - 1.5) / num_levels:.3f}"
+  return " and ".join(c for c in (lower, upper) if c) or "any x"
