@@ -263,24 +263,27 @@ def _framed_canvas(
   band_values = np.stack([frame, decoy])[:, band].astype(np.float32)  # [2, band pixels]
   # [m, rows, H, cols, W, C] is the canvas [m, rows*H, cols*W, C] with the slot axes split out.
   canvas = np.empty((m, slot_rows, h, slot_cols, w, c), np.float32)
+  canvas_masks = np.empty((m, slot_rows, h, slot_cols, w, 1), np.float32)
   for start in range(0, m, _CHUNK):
     chunk = slice(start, min(start + _CHUNK, m))
-    part = canvas[chunk]
+    part, part_masks = (
+      canvas[chunk],
+      canvas_masks[chunk],
+    )  # views: writing to them writes the canvas
     for s in range(num_slots):
-      part[:, s // slot_cols, :, s % slot_cols] = images[sources[chunk, s]]
+      row, col = divmod(s, slot_cols)
+      part[:, row, :, col] = images[sources[chunk, s]]
+      labelled_here = is_labelled[chunk, s, None, None, None]
+      part_masks[:, row, :, col] = masks[chunk] * labelled_here
     if noise_max > 0:
       noise = noise_rng.random(part.shape, dtype=np.float32)
       noise *= np.float32(noise_max)
       np.maximum(part, noise, out=part)
     for s in range(num_slots):
-      slot = part[:, s // slot_cols, :, s % slot_cols]  # a view: writing to it writes the canvas
+      slot = part[:, s // slot_cols, :, s % slot_cols]
       marker = band_values[np.where(is_labelled[chunk, s], 0, 1)]  # [chunk, band pixels]
       slot[:, band] = marker[..., None]
 
-  canvas_masks = np.zeros((m, slot_rows, h, slot_cols, w, 1), np.float32)
-  for s in range(num_slots):
-    here = is_labelled[:, s]
-    canvas_masks[here, s // slot_cols, :, s % slot_cols] = masks[:m][here]
   shape = (m, slot_rows * h, slot_cols * w)
   return canvas.reshape(shape + (c,)), canvas_masks.reshape(shape + (1,))
 
