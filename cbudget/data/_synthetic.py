@@ -106,9 +106,8 @@ def make_shapes(
 CANVAS_KINDS = ("mnist_canvas", "cifar_canvas")
 MNIST_CANVAS_GRID = 2  # the mnist canvas is a grid x grid array of image-sized slots
 CIFAR_CANVAS_SLOTS = (1, 2)  # the cifar canvas: two images side by side
-MARKER_THRESHOLD = (
-  0.5  # the frame detector's threshold; it is robust to any box of half-width < this
-)
+# The frame detector's threshold: its decision is robust to any box of half-width < this.
+MARKER_THRESHOLD = 0.5
 MIN_SLOT_SIZE = 5  # the 2-pixel marker band needs an interior, and the decoy at least one dash
 _MARKER_DASH = 4  # length of the decoy's dashes along each side
 _CANVAS_NOISE_MAX = {"mnist_canvas": 0.1, "cifar_canvas": 0.0}
@@ -135,15 +134,14 @@ def marker_patterns(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np
   x = np.arange(width)[None, :]
   ring = np.minimum(np.minimum(y, height - 1 - y), np.minimum(x, width - 1 - x))  # distance to edge
   frame, band = ring == 0, ring <= 1
-  # Position along each side, counted from 2 so that the moved dashes never reach an inner-ring corner
-  # (which two sides share); only positions 2 .. side-3 move.
-  along = np.where((y == 0) | (y == height - 1), x, y)
+  horizontal = (y == 0) | (y == height - 1)  # top and bottom sides; the corners count as these
+  along = np.where(horizontal, x, y)  # position along the side
 
   def moved(t: np.ndarray, side: int) -> np.ndarray:
+    # Only positions 2 .. side-3 move: their inward neighbours are never an inner-ring corner, which
+    # two sides share (two moves onto one pixel would unbalance the counts).
     return (t >= 2) & (t <= side - 3) & (((t - 2) // _MARKER_DASH) % 2 == 0)
 
-  # Which outer-ring pixels move: top/bottom rows index by column, left/right columns by row.
-  horizontal = (y == 0) | (y == height - 1)
   outer_moved = frame & np.where(horizontal, moved(along, width), moved(along, height))
   # Their inward neighbours on the inner ring: shift the moved set one pixel towards the centre.
   inner_moved = np.zeros_like(frame)
@@ -166,12 +164,12 @@ def make_canvas_dataset(
   """Places every image of `base` in a slot of a larger canvas whose other slots hold distractors.
 
   The canvas is an array of HxW slots: `grid` x `grid` for kind="mnist_canvas", 1 x 2 (side by side) for
-  kind="cifar_canvas". Each image of `base` goes to a uniformly random slot; every other slot holds
+  kind="cifar_canvas" (`grid` applies to mnist_canvas only). Each image of `base` goes to a uniformly random slot; every other slot holds
   another random example of `base` (index != i) at full intensity, so the slots look alike. What tells
   the labelled slot apart is only a marker drawn in a 2-pixel band around every slot (`marker_patterns`):
   a closed frame (outer ring 1, inner ring 0) around the labelled slot, and a crenellated decoy with the
   same number of ones and zeros around every other slot. The band overwrites the slot's border pixels
-  (empty on MNIST). mnist_canvas has a noise floor: every pixel outside the bands, in every slot alike,
+  (almost always empty on MNIST). mnist_canvas has a noise floor: every pixel outside the bands, in every slot alike,
   becomes max(pixel, u) with u ~ U[0, 0.1); this removes the exact zeros of MNIST backgrounds, which
   would otherwise be a per-pixel cue. cifar_canvas has none (natural images have no constant
   background). The mask is the labelled slot (if `base` has masks, the base mask moved there).
@@ -266,10 +264,8 @@ def _framed_canvas(
   canvas_masks = np.empty((m, slot_rows, h, slot_cols, w, 1), np.float32)
   for start in range(0, m, _CHUNK):
     chunk = slice(start, min(start + _CHUNK, m))
-    part, part_masks = (
-      canvas[chunk],
-      canvas_masks[chunk],
-    )  # views: writing to them writes the canvas
+    # Views: writing to them writes the canvas.
+    part, part_masks = canvas[chunk], canvas_masks[chunk]
     for s in range(num_slots):
       row, col = divmod(s, slot_cols)
       part[:, row, :, col] = images[sources[chunk, s]]
