@@ -1,4 +1,8 @@
-"""Budget generators: images ``[N, H, W, C]`` in [0, 1] -> raw log-budget maps.
+"""Budget models: images ``[N, H, W, C]`` in [0, 1] -> raw log-budget maps.
+
+Contextual generators (``small``, ``unet``, ``coarse``) give each image its own map;
+:class:`GlobalBudget` learns one map shared by all images. :func:`budget_model` picks the model of a
+budget mode (``None`` for uniform budgets, which have no model).
 
 A generator outputs the *shape* of the budget as raw log-budgets, ``[N, H, W, 1]``
 (``per_pixel=True``: one budget per pixel, shared across channels) or
@@ -22,7 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SmallGenerator", "UNetGenerator", "CoarseGenerator", "GENERATORS", "get_generator"]
+__all__ = [
+  "SmallGenerator",
+  "UNetGenerator",
+  "CoarseGenerator",
+  "GlobalBudget",
+  "GENERATORS",
+  "get_generator",
+  "budget_model",
+]
 
 
 def _head_init(scale: float):
@@ -180,3 +192,31 @@ def get_generator(name: str, per_pixel: bool = True, **kwargs) -> nn.Module:
       f"unknown generator {name!r}; valid names: {', '.join(sorted(GENERATORS))}"
     ) from None
   return cls(per_pixel=per_pixel, **kwargs)
+
+
+class GlobalBudget(nn.Module):
+  """One learned raw log-budget map shared by all inputs (non-contextual ablation).
+
+  The parameter ``raw_log_budgets`` has the input's shape without the batch
+  axis (last axis 1 when ``per_pixel``), is initialised to zeros (uniform
+  budgets after projection) and is broadcast over the batch.
+  """
+
+  per_pixel: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = tuple(x.shape[1:-1]) + (1,) if self.per_pixel else tuple(x.shape[1:])
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    raw = self.param("raw_log_budgets", nn.initializers.zeros_init(), shape, dtype)
+    return jnp.broadcast_to(raw, (x.shape[0],) + shape)
+
+
+def budget_model(mode: str, generator: str = "coarse", per_pixel: bool = True) -> nn.Module | None:
+  """The model of budget ``mode``: ``None`` (uniform), :class:`GlobalBudget` (global) or the
+  generator called ``generator`` (contextual)."""
+  if mode == "uniform":
+    return None
+  if mode == "global":
+    return GlobalBudget(per_pixel=per_pixel)
+  return get_generator(generator, per_pixel=per_pixel)
