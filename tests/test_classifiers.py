@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from cbudget import data
+from cbudget.bounds import Box, crown, ibp
+from cbudget.objective import margin_spec
 from cbudget.models import classifiers as C
 
 SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -170,3 +172,23 @@ def test_jaxpr_has_only_simple_primitives():
 
     used = set(prims(jaxpr.jaxpr))
     assert used <= allowed, (name, used - allowed)
+
+
+@pytest.mark.parametrize(
+  "name,shape",
+  [(n, (28, 28, 1)) for n in C.CLASSIFIERS if n not in ("cnn7", "dm_large")]
+  + [("cnn7", (32, 32, 3)), ("dm_large", (32, 32, 3))],
+)
+def test_every_classifier_is_boundable_and_sound(name, shape):
+  model = C.get_classifier(name, 10)
+  x = jax.random.uniform(jax.random.key(0), (2,) + shape)
+  variables = model.init(jax.random.key(1), x)
+  f = lambda v, z: model.apply(v, z, train=False)
+  box = Box.from_budget(x, 0.002)
+  spec = margin_spec(jnp.array([0, 1]), 10)
+  pts = jax.random.uniform(jax.random.key(2), (16,) + x.shape, minval=box.lower, maxval=box.upper)
+  margins = jnp.einsum("nsk,pnk->pns", spec, jax.jit(jax.vmap(lambda z: f(variables, z)))(pts))
+  for method in (ibp(f), crown(f)):
+    b = jax.jit(method)(variables, box, spec)
+    assert np.all(np.isfinite(b.lower))
+    assert np.all(np.asarray(margins) >= np.asarray(b.lower) - 2e-5 * (1 + np.abs(b.lower)))

@@ -10,7 +10,7 @@ import chex
 import jax
 import pytest
 
-from cbudget import checkpoints
+from cbudget import workdir
 from cbudget.evaluate import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def test_workdir_of_a_different_model(tmp_path):
 
 
 def _params(workdir):
-  return jax.tree.leaves(load_run(workdir)[2].params)
+  return jax.tree.leaves(load_run(workdir).state.variables.params)
 
 
 def _wait_for_checkpoint(workdir, proc, at_least, timeout=240):
@@ -95,13 +95,13 @@ def test_sigkill_then_same_command_resumes_to_the_same_parameters(tmp_path):
   _wait_for_checkpoint(f"{tmp_path}/killed", proc, at_least=8)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = checkpoints.Manager(f"{tmp_path}/killed").latest_step()
+  killed_at = workdir.Manager(f"{tmp_path}/killed").latest_step()
   assert killed_at is not None and killed_at < 40
   out = run("launch.train", f"--workdir={tmp_path}/killed", *args)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "resumed from step" in out.stderr
   chex.assert_trees_all_equal(_params(f"{tmp_path}/straight"), _params(f"{tmp_path}/killed"))
-  records = checkpoints.read_metrics(f"{tmp_path}/killed")
+  records = workdir.read_metrics(f"{tmp_path}/killed")
   steps = [r["step"] for r in records if "loss" in r]
   assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicates, no gaps at the end
 
@@ -124,6 +124,6 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
   stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-2000:]
   assert "interrupted: run the same command to resume" in stdout
-  step = checkpoints.Manager(f"{tmp_path}/w").latest_step()
+  step = workdir.Manager(f"{tmp_path}/w").latest_step()
   assert 4 <= step < 400
-  assert int(load_run(f"{tmp_path}/w")[2].step) == step
+  assert int(load_run(f"{tmp_path}/w").state.step) == step

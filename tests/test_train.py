@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from cbudget import checkpoints
+from cbudget import workdir
 from cbudget.evaluate import evaluate, load_run
 from cbudget.train import NonFiniteError, TrainConfig, train
 
@@ -34,7 +34,7 @@ def test_smoke_train_then_evaluate(tmp_path, budget, method):
   config = tiny(tmp_path, budget=budget, method=method, steps=4)
   result = train(config)
   assert result["step"] == 4 and not result["interrupted"]
-  records = checkpoints.read_metrics(config.workdir)
+  records = workdir.read_metrics(config.workdir)
   assert [r["step"] for r in records] == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in records)
   # The volume constraint holds during training: equivalent ε equals the scheduled ε₀.
@@ -74,13 +74,13 @@ def test_resume_equals_uninterrupted(tmp_path):
   train(straight)
   resumed = tiny(tmp_path, "resumed", steps=8)
   train(resumed, until_step=3)  # stopped between checkpoints...
-  assert checkpoints.Manager(resumed.workdir).latest_step() == 3
+  assert workdir.Manager(resumed.workdir).latest_step() == 3
   result = train(resumed)  # ...and the same command again
   assert result["step"] == 8
-  a, b = load_run(straight.workdir)[2], load_run(resumed.workdir)[2]
+  a, b = load_run(straight.workdir).state, load_run(resumed.workdir).state
   chex.assert_trees_all_equal(a.params, b.params)
   chex.assert_trees_all_equal(a.opt_state, b.opt_state)
-  steps = [r["step"] for r in checkpoints.read_metrics(resumed.workdir) if "loss" in r]
+  steps = [r["step"] for r in workdir.read_metrics(resumed.workdir) if "loss" in r]
   assert steps == [2, 4, 6, 8]  # metrics continue from the checkpoint, without duplicates
 
 
@@ -103,7 +103,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny(tmp_path, steps=40, lr=1e38, checkpoint_every=1, log_every=1)
   with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step (\d+)"):
     train(config)
-  last = checkpoints.Manager(config.workdir).latest_step()
-  state = load_run(config.workdir)[2]
-  assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+  last = workdir.Manager(config.workdir).latest_step()
+  state = load_run(config.workdir).state
+  assert all(
+    np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.variables.variables.params)
+  )
   assert last is not None and int(state.step) == last
