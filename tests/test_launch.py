@@ -1,10 +1,14 @@
 """The launchers as a user meets them: bad flags and files give one-line errors; kills lose nothing."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+import json
+import stat
 
 import chex
 import jax
@@ -60,14 +64,31 @@ def test_bad_settings_at_run_time(tmp_path):
   assert_clear_error(out, "no config.json")
 
 
-def test_workdir_of_a_different_model(tmp_path):
-  assert run("launch.train", f"--workdir={tmp_path}/w", "--steps=2", *SMALL).returncode == 0
-  out = run("launch.train", f"--workdir={tmp_path}/w", "--steps=2", "--model=mlp", *SMALL)
+def test_workdir_of_a_different_model(trained_run):
+  out = run("launch.train", f"--workdir={trained_run.workdir}", "--steps=2", "--model=mlp", *SMALL)
   assert_clear_error(out, "holds a run with different settings (--model='dm_small' there vs 'mlp'")
 
 
-def _params(workdir):
-  return jax.tree.leaves(load_run(workdir).state.variables.params)
+def test_evaluate_and_visualize_a_run(trained_run, tmp_path):
+  work = tmp_path / "copy"
+  shutil.copytree(trained_run.workdir, work)  # the launchers write into the workdir
+  out = run("launch.evaluate", f"--workdir={work}", "--num_examples=20", "--methods=ibp,crown")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "shapes / dm_small / contextual budgets, ε₀ = 0.1, 20 test examples" in out.stdout
+  assert "certified error" in out.stdout and "budget–relevance AUROC" in out.stdout
+  assert "evaluated 20/20 examples" in out.stderr  # progress
+  results = json.loads((work / "eval.json").read_text())
+  assert set(results["certified_error"]) == {"ibp", "crown"} and "samples" not in results
+  for name in ("eval.json", "budgets.png"):
+    assert stat.S_IMODE(os.stat(work / name).st_mode) & 0o644 == 0o644, name
+  out = run("launch.visualize", f"--workdir={work}", "--num_examples=3")
+  assert out.returncode == 0, out.stderr[-2000:]
+  for name in ("budgets_grid.png", "curves.png"):
+    assert (work / name).stat().st_size > 0 and f"wrote {work / name}" in out.stdout
+
+
+def _params(path):
+  return jax.tree.leaves(load_run(path).state.variables.params)
 
 
 def _wait_for_checkpoint(workdir, proc, at_least, timeout=240):
