@@ -133,30 +133,17 @@ class CertifiedModel:
     return logits, variables._replace(batch_stats=batch_stats), running
 
   def margin_bounds(
-    self,
-    variables: Variables,
-    box: Box,
-    labels,
-    method: str,
-    beta=1.0,
-    *,
-    crown_chunk_size: int | None = None,
-    crown_memory_limit: int | None = None,
+    self, variables: Variables, box: Box, labels, method: str, beta=1.0, **crown_options
   ) -> jax.Array:
     """Lower bounds ``[N, K-1]`` of ``logit_y - logit_j`` (every ``j != y``) over ``box``.
 
     ``method`` is one of :data:`cbudget.objective.EVAL_METHODS`; ``beta`` mixes CROWN-IBP with IBP;
-    ``crown_chunk_size`` or ``crown_memory_limit`` (bytes) cap full CROWN's memory.
+    ``crown_options`` (``crown_chunk_size`` or ``crown_memory_limit`` in bytes) cap full CROWN's
+    memory.
     """
+    spec = margin_spec(labels, self.num_classes, box.dtype)
     return margin_lower_bounds(
-      self._apply,
-      self.classifier_variables(variables),
-      box,
-      margin_spec(labels, self.num_classes, box.dtype),
-      method,
-      beta,
-      crown_chunk_size,
-      crown_memory_limit,
+      self._apply, self.classifier_variables(variables), box, spec, method, beta, **crown_options
     )
 
   def certified_loss(

@@ -45,18 +45,24 @@ def main(argv):
   from cbudget.workdir import atomic_write_text
 
   plot = os.path.join(FLAGS.workdir, "budgets.png") if FLAGS.plot else None
+  options = {
+    name: FLAGS[name].value
+    for name in (
+      "batch_size",
+      "pgd_steps",
+      "pgd_restarts",
+      "crown_chunk_size",
+      "crown_memory_gib",
+      "crown_examples",
+      "x64",
+    )
+  }
   results = evaluate(
     FLAGS.workdir,
     num_examples=FLAGS.num_examples or None,
     plot=plot,
     methods=tuple(FLAGS.methods),
-    batch_size=FLAGS.batch_size,
-    pgd_steps=FLAGS.pgd_steps,
-    pgd_restarts=FLAGS.pgd_restarts,
-    crown_chunk_size=FLAGS.crown_chunk_size,
-    crown_memory_gib=FLAGS.crown_memory_gib,
-    crown_examples=FLAGS.crown_examples,
-    x64=FLAGS.x64,
+    **options,
   )
   atomic_write_text(os.path.join(FLAGS.workdir, "eval.json"), json.dumps(results, indent=2) + "\n")
   print(

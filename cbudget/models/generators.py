@@ -76,12 +76,22 @@ def _normalize(
   return x
 
 
-def _check_images(x: jax.Array) -> None:
-  if x.ndim != 4:
-    raise ValueError(f"generators expect images [N, H, W, C], got shape {x.shape}")
+class _Generator(nn.Module):
+  """What every generator has: the output layout, the head's init scale, the input normalisation."""
+
+  per_pixel: bool = True
+  head_init_scale: float = 1e-2
+  input_mean: tuple[float, ...] | None = None
+  input_std: tuple[float, ...] | None = None
+
+  def _prepare(self, x: jax.Array) -> tuple[jax.Array, int]:
+    """The normalised images and the number of output channels (1 per pixel, else C)."""
+    if x.ndim != 4:
+      raise ValueError(f"generators expect images [N, H, W, C], got shape {x.shape}")
+    return _normalize(x, self.input_mean, self.input_std), 1 if self.per_pixel else x.shape[-1]
 
 
-class SmallGenerator(nn.Module):
+class SmallGenerator(_Generator):
   """MNIST-scale generator: 3x3 SAME convs with ReLU, then a 1x1 conv head.
 
   Attributes:
@@ -91,21 +101,15 @@ class SmallGenerator(nn.Module):
     input_mean, input_std: optional per-channel normalisation of the [0, 1] input.
   """
 
-  per_pixel: bool = True
   features: tuple[int, ...] = (16, 32, 32)
-  head_init_scale: float = 1e-2
-  input_mean: tuple[float, ...] | None = None
-  input_std: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_images(x)
-    out_ch = 1 if self.per_pixel else x.shape[-1]
-    h = _normalize(x, self.input_mean, self.input_std)
+    h, out_ch = self._prepare(x)
     return _conv_stack(h, self.features, out_ch, self.head_init_scale)
 
 
-class UNetGenerator(nn.Module):
+class UNetGenerator(_Generator):
   """CIFAR-scale encoder-decoder: one downsample, one upsample, one skip.
 
   ``enc``: two 3x3 convs at full resolution (the skip); ``mid``: a stride-2 3x3
@@ -119,18 +123,12 @@ class UNetGenerator(nn.Module):
     head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
   """
 
-  per_pixel: bool = True
   width: int = 32
-  head_init_scale: float = 1e-2
-  input_mean: tuple[float, ...] | None = None
-  input_std: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_images(x)
-    out_ch = 1 if self.per_pixel else x.shape[-1]
+    h, out_ch = self._prepare(x)
     w = self.width
-    h = _normalize(x, self.input_mean, self.input_std)
     h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc0")(h))
     skip = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc1")(h))
     h = nn.relu(nn.Conv(2 * w, (3, 3), strides=(2, 2), padding="SAME", name="down")(skip))
@@ -142,7 +140,7 @@ class UNetGenerator(nn.Module):
     return _head(out_ch, self.head_init_scale)(h)
 
 
-class CoarseGenerator(nn.Module):
+class CoarseGenerator(_Generator):
   """A cheap generator for budgets that vary on a coarser grid than the pixels.
 
   Average-pools the image by ``factor``, runs 3x3 SAME convs with ReLU and the small-initialised
@@ -158,18 +156,12 @@ class CoarseGenerator(nn.Module):
     head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
   """
 
-  per_pixel: bool = True
   factor: int = 2
   features: tuple[int, ...] = (16, 16)
-  head_init_scale: float = 1e-2
-  input_mean: tuple[float, ...] | None = None
-  input_std: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_images(x)
-    out_ch = 1 if self.per_pixel else x.shape[-1]
-    h = _normalize(x, self.input_mean, self.input_std)
+    h, out_ch = self._prepare(x)
     k = (self.factor, self.factor)
     h = nn.avg_pool(h, k, strides=k, padding="SAME")
     h = _conv_stack(h, self.features, out_ch, self.head_init_scale)
