@@ -1,6 +1,8 @@
 """The classifier with its budgets: one object from an image batch to budgets, box, bounds and loss.
 
-    model = CertifiedModel.create(dataset="shapes", classifier="dm_small", budget="contextual")
+    model = CertifiedModel.create(
+      dataset="shapes", classifier="dm_small", budget="contextual", budget_range=(0.25, 4.0)
+    )
     variables = model.init(jax.random.key(0), images[:1])
     eps = model.budgets(variables.params, x, eps0)            # per-element budgets, exact volume
     box = model.box(x, eps)                                   # [x - eps, x + eps] ∩ [0, 1]
