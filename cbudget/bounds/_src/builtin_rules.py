@@ -75,6 +75,40 @@ class SignedRule:
     return Affine(bounded_positions(args)) if self.affine else None
 
 
+def _put(args, i, value):
+  full = list(args)
+  full[i] = value
+  return full
+
+
+def _centre_radius(box: Box):
+  """Centre and radius of a box, with overflow kept out of them.
+
+  Finite ends: ``l/2 + u/2`` and ``u/2 - l/2`` (neither overflows). An infinite end makes the
+  radius infinite and the centre 0, so the map's range is ``+-inf`` wherever a non-zero weight
+  reaches it (sound, if loose) and never ``inf - inf``; the caller turns the NaN of a zero weight
+  times that infinite radius into ``inf``. A NaN end stays NaN in the centre, so its outputs are NaN.
+  """
+  infinite = jnp.isinf(box.lower) | jnp.isinf(box.upper)
+  centre = jnp.where(infinite, 0, box.center).astype(box.dtype)
+  radius = jnp.where(infinite, jnp.inf, box.radius).astype(box.dtype)
+  return centre, radius
+
+
+def _scaled_ends(box: Box, scale, weight):
+  """``[min, max]`` of ``scale(z)``, linear in ``z``, over the box: its values at the two ends.
+
+  ``scale`` multiplies by the concrete ``weight`` (or divides, ``weight=None``); a zero weight times
+  an infinite end gives 0, not NaN (a zero weight times any real is 0).
+  """
+  at_lower, at_upper = scale(box.lower), scale(box.upper)
+  if weight is not None:
+    zero_weight = jnp.asarray(weight) == 0
+    at_lower = jnp.where(zero_weight & jnp.isinf(box.lower), 0, at_lower)
+    at_upper = jnp.where(zero_weight & jnp.isinf(box.upper), 0, at_upper)
+  return jnp.minimum(at_lower, at_upper), jnp.maximum(at_lower, at_upper)
+
+
 @dataclasses.dataclass(frozen=True)
 class BilinearRule:
   """``op(a, b)`` linear in each argument: ``mul``, ``dot_general``, ``conv_general_dilated``, ``div``.
@@ -98,11 +132,15 @@ class BilinearRule:
       )
     if len(bounded) == 1:
       i = bounded[0]
+      if self.name in ("mul", "div"):  # element-wise: exact at the two ends, cheaper than c +- r
+        scale = lambda z: evaluate(*_put(args, i, z))[0]
+        return [Box(*_scaled_ends(args[i], scale, args[1] if self.name == "mul" else None))]
       box = args[i]
-      centre_args = list(args)
-      radius_args = [a if is_box(a) else jnp.abs(a) for a in args]
-      centre_args[i], radius_args[i] = box.center, box.radius
+      centre, radius = _centre_radius(box)
+      centre_args = _put(args, i, centre)
+      radius_args = _put([a if is_box(a) else jnp.abs(a) for a in args], i, radius)
       c, r = evaluate(*centre_args)[0], evaluate(*radius_args)[0]
+      r = jnp.where(jnp.isnan(r) & ~jnp.isnan(c), jnp.inf, r)  # 0 * inf: an infinite radius
       return [Box(c - r, c + r)]
     if not self.both_ok:
       raise UnsupportedPrimitiveError(f"'{self.name}' of two bounded values is not supported")
@@ -194,7 +232,6 @@ class KinkRule:
         options.get("relu_lower_slope", "adaptive"),
       ),
       c_safe,
-      c_safe,
     )
     identity = (c < 0) if self.is_max else (c > 0)
     slope = jnp.where(identity, 1, 0).astype(box.dtype)
@@ -219,6 +256,13 @@ def _two_piece_ibp(left_right):
 def _two_piece_relax(left_right):
   def relax(l, u, op, options):
     left, right = left_right(l, op)
+    if jnp.shape(left) != jnp.shape(l):
+      raise UnsupportedPrimitiveError(
+        f"an element-wise activation whose output shape {jnp.shape(left)} differs from its "
+        f"input's {jnp.shape(l)} (e.g. leaky_relu with a negative_slope array that broadcasts x "
+        "to a larger shape) has no element-wise relaxation; broadcast x first, e.g. "
+        "jax.nn.leaky_relu(jnp.broadcast_to(x, shape), slope)"
+      )
     return relaxations.two_piece_relaxation(
       l, u, left, right, options.get("relu_lower_slope", "adaptive")
     )
