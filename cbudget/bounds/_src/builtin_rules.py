@@ -134,7 +134,7 @@ class BilinearRule:
       i = bounded[0]
       if self.name in ("mul", "div"):  # element-wise: exact at the two ends, cheaper than c +- r
         scale = lambda z: evaluate(*_put(args, i, z))[0]
-        return [Box(*_scaled_ends(args[i], scale, args[1] if self.name == "mul" else None))]
+        return [Box(*_scaled_ends(args[i], scale, args[1 - i] if self.name == "mul" else None))]
       box = args[i]
       centre, radius = _centre_radius(box)
       centre_args = _put(args, i, centre)
@@ -219,23 +219,16 @@ class KinkRule:
       return None
     # An infinite constant (e.g. the -inf start of jnp.max) makes the op the identity
     # (max(z, -inf), min(z, +inf)) or the constant (max(z, +inf), min(z, -inf)); relax the finite
-    # part only, so no inf - inf appears.
+    # part only, with the kink at c (no z - c, which could overflow or cancel).
     finite = jnp.isfinite(c)
     c_safe = jnp.where(finite, c, 0)
     left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
-    kink = relaxations.shift(
-      relaxations.two_piece_relaxation(
-        box.lower - c_safe,
-        box.upper - c_safe,
-        left,
-        right,
-        options.get("relu_lower_slope", "adaptive"),
-      ),
-      c_safe,
+    kink = relaxations.two_piece_relaxation(
+      box.lower, box.upper, left, right, options.get("relu_lower_slope", "adaptive"), c_safe
     )
     identity = (c < 0) if self.is_max else (c > 0)
     slope = jnp.where(identity, 1, 0).astype(box.dtype)
-    offset = jnp.where(identity, 0, c_safe).astype(box.dtype)
+    offset = jnp.where(identity, 0, c).astype(box.dtype)  # max(z, inf) is inf
     infinite = LinearBounds(slope, offset, slope, offset)
     bounds = [jnp.broadcast_to(jnp.where(finite, k, i), box.shape) for k, i in zip(kink, infinite)]
     return Relaxation(bounded_positions(args)[0], LinearBounds(*bounds))

@@ -41,92 +41,84 @@ def _unknown_where_nan(bounds: LinearBounds, l, u) -> LinearBounds:
   return LinearBounds(*(jnp.where(nan, jnp.nan, b).astype(jnp.result_type(l)) for b in bounds))
 
 
-def two_piece_relaxation(l, u, left, right, slope_choice="adaptive") -> LinearBounds:
-  """Linear bounds of ``f(z) = left*z (z < 0), right*z (z >= 0)`` on ``[l, u]``.
+def two_piece_relaxation(l, u, left, right, slope_choice="adaptive", kink=0.0) -> LinearBounds:
+  """Linear bounds on ``[l, u]`` of the two-piece linear ``f`` with ``f(kink) = kink`` and slopes
+  ``left`` below the kink, ``right`` above: ``f(z) = kink + left*(z - kink)`` or ``right*(...)``.
 
-  ReLU is ``(0, 1)``, leaky ReLU ``(s, 1)``, ``abs`` ``(-1, 1)``, ``min(z, 0)`` ``(1, 0)``.
-  Stable (``l >= 0`` or ``u <= 0``): ``f`` is linear there and both bounds are exact. Across the kink
-  the chord through ``(l, f(l))`` and ``(u, f(u))`` bounds a convex ``f`` (``left <= right``) from
-  above and a concave one from below; on the other side any line through the origin with slope
-  between ``left`` and ``right`` is a bound (a supporting line at the kink). ``slope_choice`` picks it:
-  ``"adaptive"`` (CROWN's default: ``right`` if ``u > -l`` else ``left``, ties to ``left``; when
-  ``left`` and ``right`` have opposite signs, as for ``abs``, the flat line ``0``, which gives the
-  exact minimum ``f(0) = 0``), ``"zero"`` (``left``), ``"one"`` (``right``) or ``"parallel"``
+  ReLU is ``(0, 1)``, leaky ReLU ``(s, 1)``, ``abs`` ``(-1, 1)``, ``min(z, 0)`` ``(1, 0)``, all with
+  kink 0; ``max(z, c)`` is ``(0, 1)`` and ``min(z, c)`` ``(1, 0)`` with kink ``c``.
+  Stable (``l >= kink`` or ``u <= kink``): ``f`` is linear there and both bounds are exact. Across the
+  kink the chord through ``(l, f(l))`` and ``(u, f(u))`` bounds a convex ``f`` (``left <= right``)
+  from above and a concave one from below; on the other side any line through ``(kink, kink)`` with
+  slope between ``left`` and ``right`` is a bound (a supporting line at the kink). ``slope_choice``
+  picks it: ``"adaptive"`` (CROWN's default: ``right`` if ``u - kink > kink - l`` else ``left``; when
+  ``left`` and ``right`` have opposite signs, as for ``abs``, the flat line, slope 0, which gives
+  the exact minimum ``f(kink)``), ``"zero"`` (``left``), ``"one"`` (``right``) or ``"parallel"``
   (the chord's slope).
 
-  Numerics: with ``t = u / (u - l)`` (computed from halves, so ``u - l`` cannot overflow), the chord
-  has slope ``left (1 - t) + right t`` and offset ``(left - right) t l = (right - left)(1 - t) u``.
-  Both forms are free of cancellation (``right*u - chord*u`` is not: it loses everything when
-  ``u >> |l|``); the offset is the larger (convex) or smaller (concave) of the two, so the line with
-  the rounded slope still passes on the right side of both end points. One infinite end gives the
-  limit line (e.g. ReLU on ``[l, inf]``: ``z - l``); two give the interval bound ``+-inf``; a NaN end
-  gives NaN bounds.
+  Numerics: with ``t = (u - kink) / (u - l)`` and ``s = 1 - t`` (from halves, so no difference can
+  overflow; the smaller of the two directly, the other as its complement), the chord has slope
+  ``left s + right t`` and offset ``(1 - right) kink + (right - left) s u``, or equally
+  ``(1 - left) kink + (left - right) t l``. For ReLU these are ``s u`` and ``-t l``: no cancellation
+  (``right*u - chord*u`` loses everything when ``u >> |l|``). The offset taken is the larger
+  (convex) or smaller (concave) of the two, so the line with the rounded slope still passes on the
+  right side of both end points. One infinite end gives the limit line (e.g. ReLU on ``[l, inf]``:
+  ``z - l``); two give the interval bound ``+-inf`` with slope 0; a NaN end gives NaN bounds.
   """
   if slope_choice not in SLOPE_CHOICES:
     raise ValueError(f"slope choice must be one of {SLOPE_CHOICES}, got {slope_choice!r}")
   dtype = jnp.result_type(l)
   left = jnp.asarray(left, dtype)
   right = jnp.asarray(right, dtype)
-  unstable = (l < 0) & (u > 0)
-  half_l, half_u = l / 2, u / 2
-  width = half_u - half_l  # (u - l) / 2, finite for finite l, u
-  # The smaller of t and 1 - t is computed directly, the other as its complement: both accurate.
-  right_heavy = u >= -l
+  c = jnp.asarray(kink, dtype)
+  unstable = (l < c) & (u > c)
+  width = u / 2 - l / 2  # (u - l) / 2, finite for finite l, u
+  above, below = u / 2 - c / 2, c / 2 - l / 2
+  right_heavy = above >= below
   ends_infinite = jnp.isinf(l) & jnp.isinf(u)  # inf / inf: no chord (handled below)
-  nearer = jnp.where(ends_infinite, 0, jnp.where(right_heavy, -half_l, half_u))
-  small = _safe_div(nearer, width, unstable)
-  t = jnp.where(right_heavy, 1 - small, small)  # u / (u - l): the weight of the right end
-  s = jnp.where(right_heavy, small, 1 - small)  # -l / (u - l)
+  nearer = jnp.where(ends_infinite, 0, jnp.where(right_heavy, below, above))
+  small = _safe_div(nearer, width, unstable & (width > 0))  # halves of tiny ends can flush to 0
+  t = jnp.where(right_heavy, 1 - small, small)  # (u - kink) / (u - l): the weight of the right end
+  s = jnp.where(right_heavy, small, 1 - small)  # (kink - l) / (u - l)
   chord = left * s + right * t
-  l_fin = jnp.where(jnp.isfinite(l), l, 0)  # an infinite end's term is the other one's limit
-  u_fin = jnp.where(jnp.isfinite(u), u, 0)
-  through_l = (left - right) * (t * l_fin)
-  through_u = (right - left) * (s * u_fin)
+  through_l = (1 - left) * c + (left - right) * (t * jnp.where(jnp.isfinite(l), l, 0))
+  through_u = (1 - right) * c + (right - left) * (s * jnp.where(jnp.isfinite(u), u, 0))
+  through_l = jnp.where(jnp.isfinite(l), through_l, through_u)  # an infinite end: the limit line
+  through_u = jnp.where(jnp.isfinite(u), through_u, through_l)
   convex = left <= right
   chord_offset = jnp.where(
     convex, jnp.maximum(through_l, through_u), jnp.minimum(through_l, through_u)
   )
-  # Both ends infinite: no line bounds a bent f; the interval bound (+-inf) with slope 0 does.
-  both_infinite = ends_infinite & (left != right)
-  chord = jnp.where(both_infinite, 0, chord)
-  chord_offset = jnp.where(both_infinite, jnp.where(convex, jnp.inf, -jnp.inf), chord_offset)
   if slope_choice == "adaptive":
     flat_inside = (jnp.minimum(left, right) < 0) & (jnp.maximum(left, right) > 0)
-    support = jnp.where(flat_inside, 0, jnp.where(u > -l, right, left)).astype(dtype)
+    support = jnp.where(flat_inside, 0, jnp.where(above > below, right, left)).astype(dtype)
   elif slope_choice == "zero":
     support = left
   elif slope_choice == "one":
     support = right
   else:
     support = chord
-  stable_slope = jnp.where(l >= 0, right, left)
-  zero = jnp.zeros_like(chord)
+  support_offset = (1 - support) * c
+  # Both ends infinite: no line bounds a bent f; the interval bound (+-inf) with slope 0 does.
+  both_infinite = ends_infinite & (left != right)
+  chord = jnp.where(both_infinite, 0, chord)
+  chord_offset = jnp.where(both_infinite, jnp.where(convex, jnp.inf, -jnp.inf), chord_offset)
+  stable_slope = jnp.where(l >= c, right, left)
+  stable_offset = (1 - stable_slope) * c
   up_slope = jnp.where(unstable, jnp.where(convex, chord, support), stable_slope)
-  up_offset = jnp.where(unstable & convex, chord_offset, zero)
+  up_offset = jnp.where(unstable, jnp.where(convex, chord_offset, support_offset), stable_offset)
   lo_slope = jnp.where(unstable, jnp.where(convex, support, chord), stable_slope)
-  lo_offset = jnp.where(unstable & ~convex, chord_offset, zero)
-  return _unknown_where_nan(LinearBounds(lo_slope, lo_offset, up_slope, up_offset), l, u)
-
-
-def shift(bounds: LinearBounds, c) -> LinearBounds:
-  """Bounds of ``c + g(z - c)`` from bounds of ``g``: ``a (z - c) + b + c = a z + b + (1 - a) c``.
-
-  ``(1 - a) c`` rather than ``c - a c``: the latter cancels when ``a`` is near 1 and ``c`` is large.
-  """
-  return LinearBounds(
-    bounds.lower_slope,
-    bounds.lower_offset + (1 - bounds.lower_slope) * c,
-    bounds.upper_slope,
-    bounds.upper_offset + (1 - bounds.upper_slope) * c,
-  )
+  lo_offset = jnp.where(unstable, jnp.where(convex, support_offset, chord_offset), stable_offset)
+  bounds = LinearBounds(lo_slope, lo_offset, up_slope, up_offset)
+  return _unknown_where_nan(bounds, l, u)
 
 
 def hard_tanh_relaxation(l, u, slope_choice="adaptive") -> LinearBounds:
   """Linear bounds of ``clip(z, -1, 1)`` on ``[l, u]``.
 
   * Entirely in one linear piece: exact.
-  * One kink inside: on ``[l, u]`` the function is ``-1 + relu(z + 1)`` (kink at -1) or
-    ``1 + min(z - 1, 0)`` (kink at 1), relaxed as those two-piece functions (:func:`shift`).
+  * One kink inside: on ``[l, u]`` the function is ``max(z, -1)`` or ``min(z, 1)``, relaxed as
+    those two-piece functions.
   * Both kinks inside: the upper line through ``(l, -1)`` and ``(1, 1)`` has slope ``2/(1-l) < 1``,
     so it is above ``z`` on ``[-1, 1]``, above ``-1`` left of that and above ``1`` right of it; the
     lower line through ``(-1, -1)`` and ``(u, 1)`` is the mirror image. Their offsets are written
@@ -141,8 +133,8 @@ def hard_tanh_relaxation(l, u, slope_choice="adaptive") -> LinearBounds:
   concave = (l >= -1) & (u > 1) & (l < 1)  # kink at 1 only
   convex = (u <= 1) & (l < -1) & (u > -1)  # kink at -1 only
   both = (l < -1) & (u > 1)
-  cv = shift(two_piece_relaxation(l + 1, u + 1, 0.0, 1.0, slope_choice), -one)
-  cc = shift(two_piece_relaxation(l - 1, u - 1, 1.0, 0.0, slope_choice), one)
+  cv = two_piece_relaxation(l, u, 0.0, 1.0, slope_choice, kink=-1.0)  # max(z, -1) here
+  cc = two_piece_relaxation(l, u, 1.0, 0.0, slope_choice, kink=1.0)  # min(z, 1) here
   # 2 / (1 - l) = 1 / (1/2 - l/2): halves so that 1 - l cannot overflow; 1/inf = 0 at l = -inf.
   both_up_slope = _safe_div(one, 0.5 - l / 2, both)
   both_up_offset = _safe_div(-0.5 - l / 2, 0.5 - l / 2, both & jnp.isfinite(l))
