@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from cbudget.bounds._src.registry import LinearBounds
@@ -68,49 +69,63 @@ def two_piece_relaxation(l, u, left, right, slope_choice="adaptive", kink=0.0) -
   if slope_choice not in SLOPE_CHOICES:
     raise ValueError(f"slope choice must be one of {SLOPE_CHOICES}, got {slope_choice!r}")
   dtype = jnp.result_type(l)
-  left = jnp.asarray(left, dtype)
-  right = jnp.asarray(right, dtype)
-  c = jnp.asarray(kink, dtype)
+  # Python-number slopes and a zero kink (ReLU, abs) are resolved here rather than in the graph.
+  static = _is_number(left) and _is_number(right)
+  convex = left <= right if static else jnp.asarray(left, dtype) <= jnp.asarray(right, dtype)
+  left = left if static else jnp.asarray(left, dtype)
+  right = right if static else jnp.asarray(right, dtype)
+  zero_kink = _is_number(kink) and kink == 0
+  c = 0 if zero_kink else jnp.asarray(kink, dtype)
   unstable = (l < c) & (u > c)
   width = u / 2 - l / 2  # (u - l) / 2, finite for finite l, u
-  above, below = u / 2 - c / 2, c / 2 - l / 2
+  above, below = (u / 2, -l / 2) if zero_kink else (u / 2 - c / 2, c / 2 - l / 2)
   right_heavy = above >= below
-  ends_infinite = jnp.isinf(l) & jnp.isinf(u)  # inf / inf: no chord (handled below)
-  nearer = jnp.where(ends_infinite, 0, jnp.where(right_heavy, below, above))
-  small = _safe_div(nearer, width, unstable & (width > 0))  # halves of tiny ends can flush to 0
+  # inf / inf (both ends infinite) gives NaN here; replaced below.
+  small = _safe_div(jnp.where(right_heavy, below, above), width, unstable & (width > 0))
   t = jnp.where(right_heavy, 1 - small, small)  # (u - kink) / (u - l): the weight of the right end
   s = jnp.where(right_heavy, small, 1 - small)  # (kink - l) / (u - l)
   chord = left * s + right * t
-  through_l = (1 - left) * c + (left - right) * (t * jnp.where(jnp.isfinite(l), l, 0))
-  through_u = (1 - right) * c + (right - left) * (s * jnp.where(jnp.isfinite(u), u, 0))
-  through_l = jnp.where(jnp.isfinite(l), through_l, through_u)  # an infinite end: the limit line
-  through_u = jnp.where(jnp.isfinite(u), through_u, through_l)
-  convex = left <= right
-  chord_offset = jnp.where(
-    convex, jnp.maximum(through_l, through_u), jnp.minimum(through_l, through_u)
-  )
+  through_l = (left - right) * (t * l)
+  through_u = (right - left) * (s * u)
+  if not zero_kink:
+    through_l = through_l + (1 - left) * c
+    through_u = through_u + (1 - right) * c
+  # An infinite end makes its form 0 * inf = NaN; fmax/fmin then take the other (the limit line).
+  if static:
+    chord_offset = jnp.fmax(through_l, through_u) if convex else jnp.fmin(through_l, through_u)
+  else:
+    chord_offset = jnp.where(convex, jnp.fmax(through_l, through_u), jnp.fmin(through_l, through_u))
   if slope_choice == "adaptive":
-    flat_inside = (jnp.minimum(left, right) < 0) & (jnp.maximum(left, right) > 0)
-    support = jnp.where(flat_inside, 0, jnp.where(above > below, right, left)).astype(dtype)
+    if static and left < 0 < right or static and right < 0 < left:
+      support = jnp.zeros_like(l)
+    elif static:
+      support = jnp.where(above > below, right, left).astype(dtype)
+    else:
+      flat_inside = (jnp.minimum(left, right) < 0) & (jnp.maximum(left, right) > 0)
+      support = jnp.where(flat_inside, 0, jnp.where(above > below, right, left)).astype(dtype)
   elif slope_choice == "zero":
     support = left
   elif slope_choice == "one":
     support = right
   else:
-    support = chord
-  support_offset = (1 - support) * c
+    support = jnp.where(jnp.isnan(chord), right if static and convex else left, chord)
+  support_offset = 0 if zero_kink else (1 - support) * c
   # Both ends infinite: no line bounds a bent f; the interval bound (+-inf) with slope 0 does.
-  both_infinite = ends_infinite & (left != right)
+  both_infinite = jnp.isinf(l) & jnp.isinf(u)
   chord = jnp.where(both_infinite, 0, chord)
   chord_offset = jnp.where(both_infinite, jnp.where(convex, jnp.inf, -jnp.inf), chord_offset)
   stable_slope = jnp.where(l >= c, right, left)
-  stable_offset = (1 - stable_slope) * c
+  stable_offset = 0 if zero_kink else (1 - stable_slope) * c
   up_slope = jnp.where(unstable, jnp.where(convex, chord, support), stable_slope)
   up_offset = jnp.where(unstable, jnp.where(convex, chord_offset, support_offset), stable_offset)
   lo_slope = jnp.where(unstable, jnp.where(convex, support, chord), stable_slope)
   lo_offset = jnp.where(unstable, jnp.where(convex, support_offset, chord_offset), stable_offset)
   bounds = LinearBounds(lo_slope, lo_offset, up_slope, up_offset)
   return _unknown_where_nan(bounds, l, u)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float, np.floating, np.integer))
 
 
 def hard_tanh_relaxation(l, u, slope_choice="adaptive") -> LinearBounds:
