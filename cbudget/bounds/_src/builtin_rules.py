@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import primitives as P
 
 from cbudget.bounds._src import conv_transpose, relaxations
@@ -214,18 +215,21 @@ class KinkRule:
     if split is None:
       return None
     box, c = split
-    c = jnp.asarray(c, box.lower.dtype)
     if jnp.broadcast_shapes(jnp.shape(c), box.shape) != box.shape:
       return None
+    left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
+    choice = options.get("relu_lower_slope", "adaptive")
+    if not isinstance(c, jax.core.Tracer) and not np.any(np.asarray(c)):
+      # A concrete zero (ReLU): the kink at 0 is resolved while tracing (fewer operations).
+      kink = relaxations.two_piece_relaxation(box.lower, box.upper, left, right, choice)
+      return Relaxation(bounded_positions(args)[0], LinearBounds(*kink))
+    c = jnp.asarray(c, box.lower.dtype)
     # An infinite constant (e.g. the -inf start of jnp.max) makes the op the identity
     # (max(z, -inf), min(z, +inf)) or the constant (max(z, +inf), min(z, -inf)); relax the finite
     # part only, with the kink at c (no z - c, which could overflow or cancel).
     finite = jnp.isfinite(c)
     c_safe = jnp.where(finite, c, 0)
-    left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
-    kink = relaxations.two_piece_relaxation(
-      box.lower, box.upper, left, right, options.get("relu_lower_slope", "adaptive"), c_safe
-    )
+    kink = relaxations.two_piece_relaxation(box.lower, box.upper, left, right, choice, c_safe)
     identity = (c < 0) if self.is_max else (c > 0)
     slope = jnp.where(identity, 1, 0).astype(box.dtype)
     offset = jnp.where(identity, 0, c).astype(box.dtype)  # max(z, inf) is inf
@@ -249,7 +253,7 @@ def _two_piece_ibp(left_right):
 def _two_piece_relax(left_right):
   def relax(l, u, op, options):
     left, right = left_right(l, op)
-    if jnp.shape(left) != jnp.shape(l):
+    if jnp.broadcast_shapes(jnp.shape(left), jnp.shape(l)) != jnp.shape(l):
       raise UnsupportedPrimitiveError(
         f"an element-wise activation whose output shape {jnp.shape(left)} differs from its "
         f"input's {jnp.shape(l)} (e.g. leaky_relu with a negative_slope array that broadcasts x "
@@ -270,7 +274,7 @@ def _leaky_slopes(l, op):
 
 
 def _abs_slopes(l, op):
-  return -jnp.ones_like(l), jnp.ones_like(l)
+  return -1.0, 1.0
 
 
 def _activation(ibp, relax, takes_options=False):
