@@ -138,14 +138,38 @@ def s_shaped_relaxation(l, u, f, df, iterations: int = 30) -> LinearBounds:
     and the chord is an upper bound (its slope is below ``f'(u)``). The lower bound mirrors this
     with ``psi(d) = f(d) + f'(d)(u - d) - f(u)`` on ``[l, 0]``, keeping the end with ``psi <= 0``.
   The tangent points have no gradient (they are found by bisection); the bounds stay sound.
+  This is :func:`s_shaped_relaxation_with` at :func:`s_shaped_alpha_init`.
+  """
+  return s_shaped_relaxation_with(l, u, f, df, s_shaped_alpha_init(l, u), iterations)
+
+
+def s_shaped_alpha_init(l, u):
+  """The parameters ``[2, *l.shape]`` at which :func:`s_shaped_relaxation_with` is CROWN's
+  relaxation: midpoint tangents (0.5) where ``f`` is convex or concave on ``[l, u]``, the tangents
+  through the far end (1) across 0."""
+  across = (l < 0) & (u > 0)
+  alpha = jnp.where(across, 1.0, 0.5).astype(jnp.result_type(l))
+  return jnp.stack([alpha, alpha])
+
+
+def s_shaped_relaxation_with(l, u, f, df, alpha, iterations: int = 30) -> LinearBounds:
+  """The relaxation of :func:`s_shaped_relaxation` with its tangent points as parameters in [0, 1].
+
+  ``alpha[0]`` moves the lower line's tangent point, ``alpha[1]`` the upper line's (each of shape
+  broadcasting against ``l``, e.g. ``[R, *l.shape]``, one per bound row). Every choice is sound:
+
+  * convex on ``[l, u]`` (``u <= 0``), lower line: the tangent at ``d = (1 - a) l + a u``, any point
+    of ``[l, u]`` (a convex function lies above its tangents). Concave (``l >= 0``), upper line:
+    the same, mirrored.
+  * across 0, upper line: the tangent at ``d = a d* + (1 - a) u``, between the bisection's point
+    ``d*`` (``phi(d*) >= 0``) and ``u``; ``phi`` increases on ``d >= 0``, so ``phi(d) >= 0`` and the
+    argument of :func:`s_shaped_relaxation` holds for ``d``. The lower line mirrors this on
+    ``[l, d*]`` with ``psi``. Where no such tangent exists (the chord is used) ``alpha`` is unused.
   """
   fl, fu = f(l), f(u)
   width_ok = u > l
   chord = jnp.where(width_ok, _safe_div(fu - fl, u - l, width_ok), df(l))
   chord_offset = fl - chord * l
-  mid = (l + u) / 2
-  tangent = df(mid)
-  tangent_offset = f(mid) - tangent * mid
 
   phi = lambda d: f(d) + df(d) * (l - d) - fl
   psi = lambda d: f(d) + df(d) * (u - d) - fu
@@ -168,31 +192,27 @@ def s_shaped_relaxation(l, u, f, df, iterations: int = 30) -> LinearBounds:
 
   _, d_up, d_lo, _ = lax.fori_loop(0, iterations, bisect, (zeros, u_pos, l_neg, zeros))
   d_up, d_lo = lax.stop_gradient(d_up), lax.stop_gradient(d_lo)
-  up_tangent = df(d_up)
-  up_tangent_offset = f(d_up) - up_tangent * d_up
-  lo_tangent = df(d_lo)
-  lo_tangent_offset = f(d_lo) - lo_tangent * d_lo
   up_use_chord = phi(u_pos) < 0
   lo_use_chord = psi(l_neg) > 0
-
   convex, concave = u <= 0, l >= 0
-  up_slope = jnp.where(
-    convex, chord, jnp.where(concave, tangent, jnp.where(up_use_chord, chord, up_tangent))
+
+  a_lo, a_up = alpha[0], alpha[1]
+  # Convex (concave) part: any point of [l, u]; across 0: between the bisection's point and the end.
+  lo_point = jnp.where(convex, (1 - a_lo) * l + a_lo * u, a_lo * d_lo + (1 - a_lo) * l)
+  up_point = jnp.where(concave, (1 - a_up) * l + a_up * u, a_up * d_up + (1 - a_up) * u)
+  lo_tangent = df(lo_point)
+  lo_tangent_offset = f(lo_point) - lo_tangent * lo_point
+  up_tangent = df(up_point)
+  up_tangent_offset = f(up_point) - up_tangent * up_point
+
+  lo_chord = concave | (~convex & lo_use_chord)
+  up_chord = convex | (~concave & up_use_chord)
+  return LinearBounds(
+    jnp.where(lo_chord, chord, lo_tangent),
+    jnp.where(lo_chord, chord_offset, lo_tangent_offset),
+    jnp.where(up_chord, chord, up_tangent),
+    jnp.where(up_chord, chord_offset, up_tangent_offset),
   )
-  up_offset = jnp.where(
-    convex,
-    chord_offset,
-    jnp.where(concave, tangent_offset, jnp.where(up_use_chord, chord_offset, up_tangent_offset)),
-  )
-  lo_slope = jnp.where(
-    convex, tangent, jnp.where(concave, chord, jnp.where(lo_use_chord, chord, lo_tangent))
-  )
-  lo_offset = jnp.where(
-    convex,
-    tangent_offset,
-    jnp.where(concave, chord_offset, jnp.where(lo_use_chord, chord_offset, lo_tangent_offset)),
-  )
-  return LinearBounds(lo_slope, lo_offset, up_slope, up_offset)
 
 
 def sigmoid_relaxation(l, u) -> LinearBounds:
@@ -202,3 +222,48 @@ def sigmoid_relaxation(l, u) -> LinearBounds:
 
 def tanh_relaxation(l, u) -> LinearBounds:
   return s_shaped_relaxation(l, u, jnp.tanh, lambda z: 1 - jnp.tanh(z) ** 2)
+
+
+def sigmoid_relaxation_with(l, u, alpha) -> LinearBounds:
+  s = jax.nn.sigmoid
+  return s_shaped_relaxation_with(l, u, s, lambda z: s(z) * (1 - s(z)), alpha)
+
+
+def tanh_relaxation_with(l, u, alpha) -> LinearBounds:
+  return s_shaped_relaxation_with(l, u, jnp.tanh, lambda z: 1 - jnp.tanh(z) ** 2, alpha)
+
+
+def kink_alpha_init(bounds: LinearBounds, left, right):
+  """The parameter ``[1, *shape]`` at which :func:`with_kink_support` keeps ``bounds``' supporting
+  line at the kink: its slope is ``left + alpha (right - left)``."""
+  convex = left <= right
+  slope = jnp.where(convex, bounds.lower_slope, bounds.upper_slope)
+  span = right - left
+  alpha = _safe_div(slope - left, span, span != 0)
+  return jnp.clip(alpha, 0, 1)[None]
+
+
+def with_kink_support(
+  bounds: LinearBounds, l, u, left, right, alpha, kink=0.0, value_at_kink=0.0, active=True
+):
+  """``bounds`` of a two-piece linear ``f`` (slopes ``left`` then ``right``, kink at ``kink`` where
+  ``f(kink) = value_at_kink``) on ``[l, u]``, with the supporting line at the kink given slope
+  ``left + alpha (right - left)``.
+
+  Where the kink is inside (``l < kink < u``, and ``active``), a line through ``(kink, f(kink))``
+  with a slope between ``left`` and ``right`` bounds ``f`` from below if it is convex (``left <=
+  right``), from above if concave: it is a supporting line (the slope is a subgradient). Elsewhere
+  ``bounds`` are kept. ``alpha`` (in [0, 1]) may carry leading row axes; the replaced side then
+  has them.
+  """
+  dtype = jnp.result_type(l)
+  left, right = jnp.asarray(left, dtype), jnp.asarray(right, dtype)
+  slope = left + alpha * (right - left)
+  convex = left <= right
+  offset = value_at_kink - slope * kink
+  inside = (l < kink) & (u > kink) & active
+  lower_slope = jnp.where(inside & convex, slope, bounds.lower_slope)
+  lower_offset = jnp.where(inside & convex, offset, bounds.lower_offset)
+  upper_slope = jnp.where(inside & ~convex, slope, bounds.upper_slope)
+  upper_offset = jnp.where(inside & ~convex, offset, bounds.upper_offset)
+  return LinearBounds(lower_slope, lower_offset, upper_slope, upper_offset)
