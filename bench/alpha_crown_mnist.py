@@ -19,6 +19,8 @@ from cbudget.bounds import Box, alpha_crown, crown
 from cbudget.evaluate import load_run
 from cbudget.objective import margin_spec
 
+MEM = 2 * 2**30  # bytes for one full-CROWN backward pass, as launch.evaluate
+
 
 def main():
   parser = argparse.ArgumentParser()
@@ -45,7 +47,9 @@ def main():
     return budgets_lib.budgets(setup.budget_config, config.eps, raw, x.shape)
 
   methods = {
-    "crown": jax.jit(lambda v, b, s: crown(logits_fn, "crown", need_upper=False)(v, b, s).lower),
+    "crown": jax.jit(
+      lambda v, b, s: crown(logits_fn, "crown", need_upper=False, memory_limit=MEM)(v, b, s).lower
+    ),
     "alpha-crown": jax.jit(
       lambda v, b, s: (
         alpha_crown(
@@ -53,6 +57,7 @@ def main():
           args.iterations,
           args.lr,
           need_upper=False,
+          memory_limit=MEM,
           optimize_intermediate=bool(args.optimize_intermediate),
         )(v, b, s).lower
       )
