@@ -89,10 +89,11 @@ def test_alpha_crown_certifies_at_least_crown_uniform_eps():
 
 
 def test_bad_inputs():
-  params, x, labels = _setup()
-  with pytest.raises(ValueError, match="domain"):
-    largest_certified_box(_net, params, x + 2, labels)
-  with pytest.raises(ValueError, match="method"):
-    largest_certified_box(_net, params, x, labels, method="nope")
-  with pytest.raises(ValueError, match="labels"):
-    largest_certified_box(_net, params, x, labels[:2])
+  with jax.enable_x64(True):
+    params, x, labels = _setup()
+    with pytest.raises(ValueError, match="domain"):
+      largest_certified_box(_net, params, x + 2, labels)
+    with pytest.raises(ValueError, match="method"):
+      largest_certified_box(_net, params, x, labels, method="nope")
+    with pytest.raises(ValueError, match="labels"):
+      largest_certified_box(_net, params, x, labels[:2])
