@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cbudget.bounds import Box, alpha_crown, crown, ibp
@@ -217,3 +218,41 @@ def _optimise_shape(bounds, params, x, spec, reach, domain, log_start, steps, lr
   carry = (log_start, raw, optimizer.init(raw))
   (log_scale, raw, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, None, length=steps))(carry)
   return raw - jnp.mean(raw, axis=axes, keepdims=True), log_scale
+
+
+def summary(boxes: CertifiedBoxes, proposed_eps=None) -> dict:
+  """Medians over the examples of a :class:`CertifiedBoxes` (what ``eval.json`` and
+  ``launch.certify_box`` report), and per-example lists. ``ratio`` is ``equivalent_eps /
+  uniform_eps`` over the certified examples; ``effective_ratio`` the same for the boxes clipped to
+  the domain; ``proposed_eps`` (a budget of x's shape, e.g. the generator's) adds its equivalent ε.
+  """
+  boxes = jax.tree.map(np.asarray, boxes)
+  ok = boxes.uniform_eps > 0
+  ratio = np.where(ok, boxes.equivalent_eps / np.where(ok, boxes.uniform_eps, 1), np.nan)
+  eff_ok = boxes.uniform_effective_eps > 0
+  effective_ratio = np.where(
+    eff_ok, boxes.effective_eps / np.where(eff_ok, boxes.uniform_effective_eps, 1), np.nan
+  )
+  median = lambda v: float(np.nanmedian(v)) if np.any(~np.isnan(v)) else None
+  out = {
+    "num_examples": int(len(ok)),
+    "certified": int(boxes.certified.sum()),
+    "median_ratio": median(ratio),
+    "median_effective_ratio": median(effective_ratio),
+    "median_uniform_eps": float(np.median(boxes.uniform_eps)),
+    "median_equivalent_eps": float(np.median(boxes.equivalent_eps)),
+    "per_example": {
+      "certified": boxes.certified.tolist(),
+      "uniform_eps": boxes.uniform_eps.tolist(),
+      "equivalent_eps": boxes.equivalent_eps.tolist(),
+      "ratio": [None if np.isnan(r) else float(r) for r in ratio],
+      "effective_eps": boxes.effective_eps.tolist(),
+      "uniform_effective_eps": boxes.uniform_effective_eps.tolist(),
+    },
+  }
+  if proposed_eps is not None:
+    proposed = np.broadcast_to(np.asarray(proposed_eps), boxes.eps.shape)
+    equiv = np.exp(np.mean(np.log(proposed), axis=tuple(range(1, proposed.ndim))))
+    out["median_proposed_equivalent_eps"] = float(np.median(equiv))
+    out["per_example"]["proposed_equivalent_eps"] = equiv.tolist()
+  return out

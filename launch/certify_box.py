@@ -36,8 +36,7 @@ def main(argv):
   import numpy as np
 
   from cbudget import budgets as budgets_lib
-  from cbudget import data
-  from cbudget.certify import largest_certified_box
+  from cbudget import certify, data
   from cbudget.checkpoints import atomic_write_text
   from cbudget.evaluate import load_run
 
@@ -59,7 +58,7 @@ def main(argv):
   options = {}
   if FLAGS.method in ("crown", "alpha-crown"):
     options["memory_limit"] = int(FLAGS.crown_memory_gib * 2**30)
-  result = largest_certified_box(
+  result = certify.largest_certified_box(
     logits_fn,
     variables,
     x,
@@ -70,52 +69,19 @@ def main(argv):
     scale_steps=FLAGS.scale_steps,
     method_options=options,
   )
-  result = jax.tree.map(np.asarray, result)
-  axes = tuple(range(1, x.ndim))
-  proposed_equiv = np.exp(np.mean(np.log(np.asarray(proposed)), axis=axes))
-  ratio = np.where(
-    result.uniform_eps > 0, result.equivalent_eps / np.maximum(result.uniform_eps, 1e-30), np.nan
-  )
-  effective_ratio = np.where(
-    result.uniform_effective_eps > 0,
-    result.effective_eps / np.maximum(result.uniform_effective_eps, 1e-30),
-    np.nan,
-  )
-  examples = [
-    {
-      "index": i,
-      "label": int(y[i]),
-      "certified": bool(result.certified[i]),
-      "uniform_eps": float(result.uniform_eps[i]),
-      "equivalent_eps": float(result.equivalent_eps[i]),
-      "ratio": None if np.isnan(ratio[i]) else float(ratio[i]),
-      "effective_eps": float(result.effective_eps[i]),
-      "uniform_effective_eps": float(result.uniform_effective_eps[i]),
-      "effective_ratio": None if np.isnan(effective_ratio[i]) else float(effective_ratio[i]),
-      "proposed_equivalent_eps": float(proposed_equiv[i]),
-    }
-    for i in range(len(y))
-  ]
   summary = {
     "workdir": FLAGS.workdir,
     "method": FLAGS.method,
     "budget_mode": config.budget,
     "eps": config.eps,
-    "num_examples": len(y),
-    "certified": int(result.certified.sum()),
-    "median_ratio": float(np.nanmedian(ratio)) if np.any(~np.isnan(ratio)) else None,
-    "median_effective_ratio": (
-      float(np.nanmedian(effective_ratio)) if np.any(~np.isnan(effective_ratio)) else None
-    ),
-    "median_uniform_eps": float(np.median(result.uniform_eps)),
-    "median_equivalent_eps": float(np.median(result.equivalent_eps)),
-    "median_proposed_equivalent_eps": float(np.median(proposed_equiv)),
-    "examples": examples,
+    **certify.summary(result, proposed),
   }
+  result = jax.tree.map(np.asarray, result)
+  proposed_equiv = summary["per_example"]["proposed_equivalent_eps"]
   path = os.path.join(FLAGS.workdir, "certified_boxes.json")
   atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
   print(
-    f"{summary['certified']}/{len(y)} certified ({FLAGS.method}); median uniform ε "
+    f"{summary['certified']}/{summary['num_examples']} certified ({FLAGS.method}); median uniform ε "
     f"{summary['median_uniform_eps']:.4g}, median equivalent ε {summary['median_equivalent_eps']:.4g}"
     f", median ratio {summary['median_ratio']}, effective {summary['median_effective_ratio']}; "
     f"the generator proposes a median equivalent ε of {summary['median_proposed_equivalent_eps']:.4g}"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cbudget.bounds import Box, crown, ibp
-from cbudget.certify import largest_certified_box
+from cbudget.certify import largest_certified_box, summary
 from cbudget.objective import margin_spec
 
 
@@ -59,6 +59,9 @@ def test_boxes_certified_and_never_below_uniform():
       jnp.exp(jnp.mean(jnp.log(jnp.maximum(r.eps, 1e-300)), axis=(1, 2)))[:] * r.certified,
     )
     assert jnp.all(r.uniform_eps[1:] > 0)
+    s = summary(r, proposed_eps=0.01)
+    assert s["certified"] == 4 and s["per_example"]["ratio"][0] is None
+    assert s["median_ratio"] >= 1 and s["median_proposed_equivalent_eps"] == pytest.approx(0.01)
 
 
 def test_ibp_uniform_eps_is_the_largest_up_to_resolution():
