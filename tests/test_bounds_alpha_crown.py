@@ -127,7 +127,7 @@ def test_jit_and_gradients():
     # With the parameters held at CROWN's (a zero step), every iterate is the same smooth function
     # of the weights, so the gradient through the whole search must match finite differences.
     frozen = alpha_crown(net, iterations=3, optimizer=optax.sgd(0.0))
-    f = lambda w: jnp.sum(frozen([(w, params[0][1])] + params[1:], box).lower)
+    f = jax.jit(lambda w: jnp.sum(frozen([(w, params[0][1])] + params[1:], box).lower))
     g = jax.grad(f)(params[0][0])
     direction = jax.random.normal(jax.random.fold_in(key, 1), g.shape, jnp.float64)
     h = 1e-6
