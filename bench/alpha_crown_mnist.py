@@ -13,10 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cbudget import budgets as budgets_lib
-from cbudget import data
 from cbudget.bounds import Box, alpha_crown, crown
-from cbudget.evaluate import load_run
+from cbudget.evaluate import load_run, load_test_set
 from cbudget.objective import margin_spec
 
 MEM = 2 * 2**30  # bytes for one full-CROWN backward pass, as launch.evaluate
@@ -32,19 +30,10 @@ def main():
   parser.add_argument("--optimize_intermediate", type=int, default=1)
   args = parser.parse_args()
   config, setup, state = load_run(args.workdir)
-  test = data.load(
-    config.dataset, "test", config.data_dir, seed=config.seed, num_examples=args.num_examples
-  )
-  variables = {"params": state.params["classifier"]}
-  logits_fn = lambda v, z: setup.classifier.apply(v, z, train=False)
-  budget_model = setup.budget_model
-
-  @jax.jit
-  def budgets_of(x):
-    raw = (
-      None if budget_model is None else budget_model.apply({"params": state.params["budget"]}, x)
-    )
-    return budgets_lib.budgets(setup.budget_config, config.eps, raw, x.shape)
+  test = load_test_set(config, args.num_examples)
+  model, variables = setup.model, state.variables
+  logits_fn = model.logits
+  budgets_of = jax.jit(lambda x: model.budgets(variables.params, x, config.eps))
 
   methods = {
     "crown": jax.jit(
@@ -71,7 +60,7 @@ def main():
     x = jnp.asarray(test.images[start : start + args.batch])
     y = jnp.asarray(test.labels[start : start + args.batch])
     box = Box.from_budget(x, budgets_of(x))
-    spec = margin_spec(y, setup.num_classes, x.dtype)
+    spec = margin_spec(y, test.num_classes, x.dtype)
     clean.append(np.asarray(jnp.argmax(logits_fn(variables, x), -1) == y))
     for m, f in methods.items():
       t = time.time()

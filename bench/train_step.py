@@ -19,6 +19,7 @@ from absl import app, flags
 from bench.common import NETS, compiled_memory_bytes, device_description, device_peak_mib, time_fn
 from cbudget.bounds import Box, crown
 from cbudget.objective import margin_spec
+from cbudget.model import Variables
 from cbudget.train import TrainConfig, init_state, make_setup, make_train_step
 
 FLAGS = flags.FLAGS
@@ -34,25 +35,16 @@ flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification thro
 
 def clean_step_fn(setup):
   def loss_fn(params, batch_stats, x, y):
-    variables = {"params": params["classifier"]}
-    if batch_stats is not None:
-      logits, new = setup.classifier.apply(
-        {**variables, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-      )
-      batch_stats = new["batch_stats"]
-    else:
-      logits = setup.classifier.apply(variables, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), batch_stats
+    logits, _, new_stats = setup.model.training_logits(Variables(params, batch_stats), x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new_stats
 
   @jax.jit
   def step(state, x, y):
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state.batch_stats, x, y
-    )
-    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
-    return state._replace(
-      params=optax.apply_updates(state.params, updates), opt_state=opt_state, batch_stats=stats
-    ), loss
+    params, batch_stats = state.variables
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, x, y)
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, params)
+    variables = Variables(optax.apply_updates(params, updates), stats)
+    return state._replace(variables=variables, opt_state=opt_state), loss
 
   return step
 
@@ -81,8 +73,9 @@ def bench_net(name):
         warmup_fraction=0.0,
         ramp_fraction=0.0,
       )
-      setup = make_setup(config, 10, steps_per_epoch=1000)
-      setup = dataclasses.replace(setup, classifier=make_model())
+      setup = make_setup(config, steps_per_epoch=1000)
+      model = dataclasses.replace(setup.model, classifier=make_model(), num_classes=10)
+      setup = dataclasses.replace(setup, model=model)
       state = init_state(setup, config, x[:1])
       step = clean_step_fn(setup) if method == "clean" else make_train_step(setup, config)
       seconds, _ = time_fn(lambda s: step(s, x, y), state, repeats=FLAGS.steps)

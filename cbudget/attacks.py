@@ -22,6 +22,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from cbudget.bounds import Box
+
 Array = Any
 LogitsFn = Callable[[Array], Array]
 
@@ -92,8 +94,7 @@ def pgd_attack(
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   eps = jnp.broadcast_to(jnp.asarray(eps, dtype=x.dtype), x.shape)
-  lower = jnp.maximum(x - eps, domain[0])
-  upper = jnp.minimum(x + eps, domain[1])
+  lower, upper = Box.from_budget(x, eps, domain)
   alpha = step_size_ratio * eps
 
   def project(z: Array) -> Array:

@@ -11,12 +11,11 @@ Vocabulary
 * **Range constraint**: ``eps_min <= eps_i <= eps_max`` with
   ``eps_min = a * eps0`` and ``eps_max = b * eps0``, ``0 < a <= 1 <= b``.
 
-The generator (or a learned global map) decides the *shape* of the budget as
-mean-free raw log-budgets; the scalar ``eps0`` (from a schedule) sets the
-*scale*.  The two are combined by :func:`project_log_budgets`, an exact
-projection-like map that enforces ``mean log eps == log eps0`` and the range
-constraint, and that is differentiable with its true (almost everywhere)
-Jacobian.
+The budget model (a generator, or a learned global map: ``cbudget.models.generators``) decides
+the *shape* of the budget as raw log-budgets; the scalar ``eps0`` (from a schedule) sets the
+*scale*.  :func:`budgets` combines the two with :func:`project_rows`, an exact shift-and-clip
+projection that enforces ``mean log eps == log eps0`` and the range constraint, and that is
+differentiable with its true (almost everywhere) Jacobian.
 """
 
 from __future__ import annotations
@@ -27,25 +26,23 @@ import math
 from typing import Any
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cbudget.bounds import Box
 
 __all__ = [
   "BudgetRangeError",
   "BudgetConfig",
   "BUDGET_MODES",
   "make_budget_config",
-  "project_log_budgets",
+  "project_rows",
   "budgets",
-  "GlobalBudget",
   "budget_stats",
 ]
 
 BUDGET_MODES = ("uniform", "global", "contextual")
-
-Axis = None | int | Sequence[int]
 
 
 class BudgetRangeError(ValueError):
@@ -74,41 +71,6 @@ def _float_dtype(*xs) -> Any:
   return jnp.asarray(0.0).dtype  # default float (float32, or float64 under x64)
 
 
-def _normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
-  if axis is None:
-    return tuple(range(1, ndim))
-  if isinstance(axis, int):
-    axis = (axis,)
-  axes = []
-  for a in axis:
-    if not -ndim <= a < ndim:
-      raise ValueError(f"axis {a} is out of bounds for an array of ndim {ndim}")
-    axes.append(a % ndim)
-  if len(set(axes)) != len(axes):
-    raise ValueError(f"repeated axis in {axis}")
-  return tuple(sorted(axes))
-
-
-def _validate_targets(log_eps0, log_min, log_max) -> None:
-  """Eager feasibility check ``log_min <= log_eps0 <= log_max`` (skipped if traced)."""
-  t, lo, hi = (_concrete(v) for v in (log_eps0, log_min, log_max))
-  if t is None or lo is None or hi is None:
-    return
-  t, lo, hi = np.broadcast_arrays(
-    t.astype(np.float64), lo.astype(np.float64), hi.astype(np.float64)
-  )
-  bad = (lo > t) | (hi < t) | np.isnan(t) | np.isnan(lo) | np.isnan(hi)
-  if np.any(bad):
-    i = np.unravel_index(int(np.argmax(bad)), bad.shape)
-    a = float(np.exp(lo[i] - t[i])) if np.isfinite(t[i]) else float("nan")
-    b = float(np.exp(hi[i] - t[i])) if np.isfinite(t[i]) else float("nan")
-    raise BudgetRangeError(
-      f"budget range [{a:.6g}, {b:.6g}] must contain 1: need log_min <= log_eps0 <= log_max, "
-      f"got log_min={lo[i]:.6g}, log_eps0={t[i]:.6g}, log_max={hi[i]:.6g}"
-      + (f" (first violation at index {tuple(int(k) for k in i)})" if bad.ndim else "")
-    )
-
-
 # ----------------------------------------------------------------------------
 # Exact projection onto {v : mean(v) = t, lo <= v <= hi} along a shift
 # ----------------------------------------------------------------------------
@@ -131,9 +93,7 @@ def _solve_rows(r: jax.Array, t: jax.Array, lo: jax.Array, hi: jax.Array) -> jax
   goes from lo to hi) down to the float resolution of the dtype, then tau is
   solved on it with the formula above ("polish", with fresh pairwise sums), so
   mean(v) == t to float precision.  Bisection costs a fixed number of passes
-  over ``r`` (24 + mantissa bits); sorting the 2d breakpoints instead was the
-  costliest op of a contextual IBP training step on CPU (XLA's sort: 60 % of
-  an MLP step at batch 128).
+  over ``r`` (24 + mantissa bits), and no sort (``bench/README.md`` says why).
   """
   _, d = r.shape
   dt = r.dtype
@@ -176,11 +136,26 @@ def _solve_rows(r: jax.Array, t: jax.Array, lo: jax.Array, hi: jax.Array) -> jax
 
 
 @jax.custom_jvp
-def _project_rows(r, t, lo, hi):
+def project_rows(r, t, lo, hi):
+  """Shift-and-clip projection of rows onto an exact mean: ``v = clip(r + tau, lo, hi)``.
+
+  ``r`` is ``[B, d]`` (raw log-budgets, one row per example); ``t, lo, hi`` are ``[B]`` with
+  ``lo <= t <= hi``. The shift ``tau`` (one per row) makes ``mean(v) == t`` exactly, to float
+  precision (see :func:`_solve_rows`). Gradients use the true Jacobian (a custom JVP from implicit
+  differentiation; nothing is differentiated through the solver): on the unclipped set F,
+  ``dv_i/dr_j = delta_ij - 1/|F|``, ``dv_i/dt = d/|F|``, ``dv_i/dlo = -|L|/|F|``,
+  ``dv_i/dhi = -|U|/|F|``; a coordinate clipped at ``lo`` (``hi``) has derivative 1 w.r.t. that
+  bound and 0 w.r.t. everything else.
+
+  Edge cases: ties in ``r`` and ``d == 1`` (then ``v == t``) need no special treatment; if ``t``
+  equals ``lo`` or ``hi`` every coordinate is clipped and ``v`` is that constant. Infeasible targets
+  cannot raise under jit; they are clamped to that constant (:class:`BudgetConfig` validates the
+  range that :func:`budgets` passes).
+  """
   return _solve_rows(r, t, lo, hi)
 
 
-@_project_rows.defjvp
+@project_rows.defjvp
 def _project_rows_jvp(primals, tangents):
   """True Jacobian via implicit differentiation of ``sum_i v_i = d t``.
 
@@ -197,7 +172,7 @@ def _project_rows_jvp(primals, tangents):
   """
   r, t, lo, hi = primals
   dr, dt_, dlo, dhi = tangents
-  v = _project_rows(r, t, lo, hi)
+  v = project_rows(r, t, lo, hi)
   d = r.shape[-1]
   fdt = v.dtype
   lo_c, hi_c = lo[:, None], hi[:, None]
@@ -219,85 +194,6 @@ def _project_rows_jvp(primals, tangents):
   return v, dv.astype(fdt)
 
 
-# One compiled program per shape/dtype (and per transformation: grad and vmap
-# trace through jit), instead of dispatching the solver's ops one by one.
-_project_rows_jit = jax.jit(_project_rows)
-
-
-def project_log_budgets(raw, log_eps0, log_min, log_max, axis: Axis = None) -> jax.Array:
-  """Shift-and-clip projection of raw log-budgets onto an exact log-volume.
-
-  Returns ``v = clip(raw + tau, log_min, log_max)`` where the scalar shift
-  ``tau`` (one per example, i.e. per index of the non-reduced axes) is chosen
-  so that
-
-      mean_{i in axis} v_i == log_eps0      (exactly, to float precision).
-
-  Args:
-    raw: raw log-budgets, any float array ``[N, ...]``.
-    log_eps0, log_min, log_max: the target log-volume per dimension and the
-      log range; scalars or arrays broadcastable to the shape of ``raw`` with
-      ``axis`` removed (``[N]`` by default).  May be traced (e.g. an eps0
-      schedule under jit).  Must satisfy ``log_min <= log_eps0 <= log_max``.
-    axis: the axes forming one budget (default: all axes but 0, the batch).
-
-  ``tau`` is solved exactly (bisection finds the linear segment of the
-  piecewise-linear, nondecreasing ``f(tau) = mean clip(raw + tau)`` where
-  ``f`` crosses ``log_eps0``, then the linear equation is solved there): a
-  fixed number of vectorised passes, no data-dependent Python loops.  Gradients use the true
-  Jacobian (custom JVP from implicit differentiation; nothing is
-  differentiated through the solver): on the unclipped set F,
-  ``dv_i/draw_j = delta_ij - 1/|F|``, ``dv_i/dlog_eps0 = d/|F|``,
-  ``dv_i/dlog_min = -|L|/|F|``, ``dv_i/dlog_max = -|U|/|F|``; a coordinate
-  clipped at ``log_min`` (``log_max``) has derivative 1 w.r.t. that bound and
-  0 w.r.t. everything else.
-
-  Edge cases: ties in ``raw`` and ``d == 1`` (then ``v == log_eps0``) need no
-  special treatment; if ``log_eps0`` equals ``log_min`` or ``log_max`` every
-  coordinate is clipped and ``v`` is that constant.
-
-  Raises:
-    BudgetRangeError: eagerly, when the targets are concrete and
-      ``log_min > log_eps0`` or ``log_max < log_eps0`` (infeasible).  Traced
-      infeasible targets cannot raise; they yield the clamped constant.
-  """
-  raw = jnp.asarray(raw)
-  if not jnp.issubdtype(raw.dtype, jnp.floating):
-    raw = raw.astype(_float_dtype(log_eps0, log_min, log_max))
-  if raw.ndim == 0:
-    raise ValueError("raw must have at least one (batch) axis")
-  dtype = raw.dtype
-  _validate_targets(log_eps0, log_min, log_max)
-
-  red = _normalize_axes(axis, raw.ndim)
-  keep = tuple(a for a in range(raw.ndim) if a not in red)
-  keep_shape = tuple(raw.shape[a] for a in keep)
-  red_shape = tuple(raw.shape[a] for a in red)
-  d = math.prod(red_shape)
-  if d == 0:
-    raise ValueError(f"cannot project an empty budget: reduced axes {red} of shape {raw.shape}")
-  b = math.prod(keep_shape)
-
-  perm = keep + red
-  rows = jnp.transpose(raw, perm).reshape(b, d)
-
-  def targets(x, name):
-    x = jnp.asarray(x, dtype)
-    try:
-      return jnp.broadcast_to(x, keep_shape).reshape(b)
-    except ValueError as e:
-      raise ValueError(
-        f"{name} of shape {x.shape} is not broadcastable to the per-example shape {keep_shape}"
-      ) from e
-
-  t = targets(log_eps0, "log_eps0")
-  lo = targets(log_min, "log_min")
-  hi = targets(log_max, "log_max")
-
-  v = _project_rows_jit(rows, t, lo, hi)
-  return jnp.transpose(v.reshape(keep_shape + red_shape), np.argsort(perm))
-
-
 # ----------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------
@@ -309,7 +205,7 @@ class BudgetConfig:
 
   Attributes:
     mode: ``'uniform'`` (eps = eps0 everywhere), ``'global'`` (one learned
-      map shared by all inputs: :class:`GlobalBudget`) or ``'contextual'``
+      map shared by all inputs: ``cbudget.models.generators.GlobalBudget``) or ``'contextual'``
       (a generator maps each input to its own budget shape).
     ratio_min: ``a`` with ``eps_min = a * eps0``, ``0 < a <= 1``.
     ratio_max: ``b`` with ``eps_max = b * eps0``, ``b >= 1``.
@@ -347,11 +243,6 @@ class BudgetConfig:
     object.__setattr__(self, "ratio_min", a)
     object.__setattr__(self, "ratio_max", b)
     object.__setattr__(self, "per_pixel", bool(self.per_pixel))
-
-  @property
-  def learned(self) -> bool:
-    """Whether budgets depend on raw log-budgets (global or contextual mode)."""
-    return self.mode != "uniform"
 
 
 def make_budget_config(
@@ -397,14 +288,14 @@ def budgets(config: BudgetConfig, eps0, raw_log_budgets, input_shape: Sequence[i
   ``a*eps0 <= eps <= b*eps0``.
 
   * uniform: ``eps = eps0`` everywhere (exactly; ``raw_log_budgets`` ignored).
-  * global / contextual: ``log eps = project_log_budgets(raw, log eps0,
-    log(a eps0), log(b eps0))``.  Computed through the scale identity
+  * global / contextual: ``log eps = project_rows(raw, log eps0,
+    log(a eps0), log(b eps0))`` per example.  Computed through the scale identity
 
         clip(raw + tau, log a + log eps0, log b + log eps0)
             = log eps0 + clip(raw + tau', log a, log b),   tau' = tau - log eps0,
 
     (the constraint ``mean = log eps0`` becomes ``mean = 0``), i.e.
-    ``eps = eps0 * exp(project_log_budgets(raw, 0, log a, log b))``.  The
+    ``eps = eps0 * exp(project_rows(raw, 0, log a, log b))``.  The
     normalised shape does not depend on eps0, no ``log eps0`` is ever formed,
     and ``eps0 == 0`` (start of a warm-up) gives ``eps == 0`` with finite
     gradients w.r.t. raw (zero) and eps0 (``exp(shape)``).
@@ -468,26 +359,8 @@ def _scaled_budgets(scale, raw, log_a, log_b, input_shape):
   n = raw.shape[0]
   rows = raw.reshape(n, -1)
   t = jnp.zeros((n,), raw.dtype)
-  shape = _project_rows(rows, t, jnp.full((n,), log_a, raw.dtype), jnp.full((n,), log_b, raw.dtype))
+  shape = project_rows(rows, t, jnp.full((n,), log_a, raw.dtype), jnp.full((n,), log_b, raw.dtype))
   return jnp.broadcast_to(scale * jnp.exp(shape.reshape(raw.shape)), input_shape)
-
-
-class GlobalBudget(nn.Module):
-  """One learned raw log-budget map shared by all inputs (non-contextual ablation).
-
-  The parameter ``raw_log_budgets`` has the input's shape without the batch
-  axis (last axis 1 when ``per_pixel``), is initialised to zeros (uniform
-  budgets after projection) and is broadcast over the batch.
-  """
-
-  per_pixel: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    shape = tuple(x.shape[1:-1]) + (1,) if self.per_pixel else tuple(x.shape[1:])
-    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
-    raw = self.param("raw_log_budgets", nn.initializers.zeros_init(), shape, dtype)
-    return jnp.broadcast_to(raw, (x.shape[0],) + shape)
 
 
 # ----------------------------------------------------------------------------
@@ -504,7 +377,7 @@ def budget_stats(eps, x=None, domain: tuple[float, float] = (0.0, 1.0)) -> dict:
   * ``min``, ``max``: ``min_i eps_i`` and ``max_i eps_i``.
   * ``effective_equivalent_eps`` (only when ``x`` is given): the equivalent
     eps of the box actually threatened, ``[x - eps, x + eps] ∩ domain``,
-    whose half-width is ``(min(x + eps, hi) - max(x - eps, lo)) / 2``.  The
+    whose half-width is the radius of ``Box.from_budget(x, eps, domain)``.  The
     half-width is clamped below at the smallest positive normal float
     (``finfo.tiny``) so that a zero-width coordinate gives a finite log
     instead of ``log 0 = -inf``.
@@ -522,10 +395,9 @@ def budget_stats(eps, x=None, domain: tuple[float, float] = (0.0, 1.0)) -> dict:
   }
   if x is not None:
     x = jnp.asarray(x, eps.dtype)
-    eps_b = jnp.broadcast_to(eps, jnp.broadcast_shapes(eps.shape, x.shape))
-    lo, hi = domain
-    half = (jnp.minimum(x + eps_b, hi) - jnp.maximum(x - eps_b, lo)) / 2
-    half = jnp.maximum(half, jnp.finfo(eps.dtype).tiny)
+    shape = jnp.broadcast_shapes(eps.shape, x.shape)
+    box = Box.from_budget(jnp.broadcast_to(x, shape), jnp.broadcast_to(eps, shape), domain)
+    half = jnp.maximum(box.radius, jnp.finfo(eps.dtype).tiny)
     axes_x = tuple(range(1, half.ndim))
     stats["effective_equivalent_eps"] = jnp.mean(jnp.exp(jnp.mean(jnp.log(half), axis=axes_x)))
   return stats

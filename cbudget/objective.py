@@ -1,20 +1,21 @@
-"""The certified objective: budgets -> box -> margin bounds -> robust cross-entropy.
+"""The certified objective: margin specs, bound methods, the robust cross-entropy and the mix of
+clean and robust loss that training minimises.
 
-This is the function training differentiates. Gradients reach the classifier (through the bounds
-and the clean logits) and the budget model (through ε: the bounds are differentiable w.r.t. the box).
+Pure functions of logits, bounds and labels; :class:`cbudget.model.CertifiedModel` composes them with
+the budgets and the box. Gradients reach the classifier (through the bounds and the clean logits) and
+the budget model (through ε: the bounds are differentiable w.r.t. the box).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cbudget import budgets as budgets_lib
-from cbudget.bounds import Box, crown, ibp
+from cbudget.bounds import Box, crown, crown_ibp, ibp
 
 TRAIN_METHODS = ("ibp", "crown-ibp")
 EVAL_METHODS = ("ibp", "crown-ibp", "crown")
@@ -63,9 +64,8 @@ def margin_lower_bounds(
   if method == "ibp":
     return ibp(logits_fn)(variables, box, spec).lower
   if method == "crown-ibp":
-    lb_ibp = ibp(logits_fn)(variables, box, spec).lower
-    lb_crown = crown(logits_fn, need_upper=False)(variables, box, spec).lower
-    return beta * lb_crown + (1 - beta) * lb_ibp
+    both = crown_ibp(logits_fn, need_upper=False)(variables, box, spec)  # one IBP forward pass
+    return beta * both.crown.lower + (1 - beta) * both.ibp.lower
   if method == "crown":
     return crown(
       logits_fn,
@@ -77,66 +77,15 @@ def margin_lower_bounds(
   raise ValueError(f"unknown bound method {method!r}; choose one of {EVAL_METHODS}")
 
 
-class ObjectiveOutput(NamedTuple):
-  robust_loss: jax.Array
-  clean_logits: jax.Array
-  margin_lower: jax.Array  # [N, K-1]
-  eps: jax.Array  # the budgets, x's shape
-  new_batch_stats: Any  # BatchNorm running statistics after this batch (or None)
+class Losses(NamedTuple):
+  loss: jax.Array  # what training minimises: kappa * clean + (1 - kappa) * robust
+  clean: jax.Array  # cross-entropy of the clean logits
+  robust: jax.Array  # robust cross-entropy over the box (an upper bound of the worst case)
 
 
-def certified_objective(
-  classifier,
-  budget_model,
-  params,
-  batch_stats,
-  x,
-  labels,
-  *,
-  config: budgets_lib.BudgetConfig,
-  eps0,
-  method: str = "ibp",
-  beta=1.0,
-  num_classes: int,
-  train: bool = True,
-) -> ObjectiveOutput:
-  """Budgets for ``x``, the box they span, and the robust cross-entropy over it.
-
-  ``classifier`` is a Flax module called as ``classifier(x, train=...)``; ``budget_model`` maps
-  ``x`` to raw log-budgets (``None`` in ``uniform`` mode). ``params = {"classifier": ...,
-  "budget": ...}``. With BatchNorm (``batch_stats`` not None) and ``train=True``, the clean pass uses
-  the current batch's statistics, and the bounds use those same statistics, frozen as constants of
-  the affine map, as in Shi et al. (2021); with ``train=False`` both use the running statistics.
-  """
-  has_bn = batch_stats is not None
-  cls_vars = {"params": params["classifier"]}
-  if has_bn and train:
-    # A clone with momentum 0 returns the batch statistics themselves as its "running" averages.
-    batch_model = classifier.clone(bn_momentum=0.0)
-    clean_logits, batch_vars = batch_model.apply(
-      {**cls_vars, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-    )
-    stats_for_bounds = batch_vars["batch_stats"]
-    momentum = classifier.bn_momentum
-    new_batch_stats = jax.tree.map(
-      lambda old, cur: momentum * old + (1 - momentum) * cur,
-      batch_stats,
-      jax.lax.stop_gradient(stats_for_bounds),
-    )
-  else:
-    stats_for_bounds = batch_stats
-    clean_logits = classifier.apply(
-      {**cls_vars, **({"batch_stats": batch_stats} if has_bn else {})}, x, train=False
-    )
-    new_batch_stats = batch_stats
-
-  raw = None if budget_model is None else budget_model.apply({"params": params["budget"]}, x)
-  eps = budgets_lib.budgets(config, eps0, raw, x.shape)
-  box = Box.from_budget(x, eps)
-  bound_vars = {**cls_vars, **({"batch_stats": stats_for_bounds} if has_bn else {})}
-  logits_fn = lambda v, z: classifier.apply(v, z, train=False)
-  spec = margin_spec(labels, num_classes, x.dtype)
-  lower = margin_lower_bounds(logits_fn, bound_vars, box, spec, method, beta)
-  return ObjectiveOutput(
-    robust_cross_entropy(lower, labels, num_classes), clean_logits, lower, eps, new_batch_stats
-  )
+def certified_loss(clean_logits, margin_lower, labels, kappa) -> Losses:
+  """``kappa * clean + (1 - kappa) * robust`` cross-entropy (``kappa`` from a schedule, 1 -> end)."""
+  num_classes = clean_logits.shape[-1]
+  clean = optax.softmax_cross_entropy_with_integer_labels(clean_logits, labels).mean()
+  robust = robust_cross_entropy(margin_lower, labels, num_classes)
+  return Losses(kappa * clean + (1 - kappa) * robust, clean, robust)

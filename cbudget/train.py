@@ -20,9 +20,10 @@ import numpy as np
 import optax
 
 from cbudget import budgets as budgets_lib
-from cbudget import checkpoints, data, schedules
-from cbudget.models import classifiers, generators
-from cbudget.objective import TRAIN_METHODS, certified_objective
+from cbudget import data, schedules, workdir
+from cbudget.model import CertifiedModel, Variables
+from cbudget.models import classifiers
+from cbudget.objective import TRAIN_METHODS
 
 log = logging.getLogger("cbudget.train")
 
@@ -101,21 +102,16 @@ def validate(config: TrainConfig):
 
 class TrainState(NamedTuple):
   step: jax.Array
-  params: Any  # {"classifier": ..., "budget": ... or None}
-  batch_stats: Any  # BatchNorm running statistics, or None
+  variables: Variables
   opt_state: Any
-  key: jax.Array  # raw uint32 key data (checkpointable)
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-  """The parts of a run that follow from its config (models, optimiser, schedules, sizes)."""
+  """The parts of a run that follow from its config (model, optimiser, schedules, sizes)."""
 
-  classifier: Any
-  budget_model: Any
-  budget_config: budgets_lib.BudgetConfig
+  model: CertifiedModel
   optimizer: optax.GradientTransformation
-  num_classes: int
   steps_per_epoch: int
   total_steps: int
   eps0: Any
@@ -123,21 +119,19 @@ class Setup:
   beta: Any
 
 
-def build_budget_model(config: TrainConfig):
-  if config.budget == "uniform":
-    return None
-  if config.budget == "global":
-    return budgets_lib.GlobalBudget(per_pixel=config.per_pixel)
-  return generators.get_generator(config.generator, per_pixel=config.per_pixel)
-
-
-def make_setup(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> Setup:
-  """Models, optimiser and schedules of a run (``steps_per_epoch`` sizes the schedules)."""
-  mean, std = classifiers.get_dataset_stats(config.dataset.replace("_canvas", ""))
-  classifier = classifiers.get_classifier(config.model, num_classes, mean=mean, std=std)
-  budget_config = budgets_lib.make_budget_config(
-    config.budget, config.budget_range, config.per_pixel
+def make_model(config: TrainConfig) -> CertifiedModel:
+  return CertifiedModel.create(
+    dataset=config.dataset,
+    classifier=config.model,
+    budget=config.budget,
+    generator=config.generator,
+    per_pixel=config.per_pixel,
+    budget_range=config.budget_range,
   )
+
+
+def make_setup(config: TrainConfig, steps_per_epoch: int) -> Setup:
+  """Model, optimiser and schedules of a run (``steps_per_epoch`` sizes the schedules)."""
   total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
   warmup = int(config.warmup_fraction * total)
   ramp = schedules.ramp(warmup, int(config.ramp_fraction * total), config.eps_schedule)
@@ -155,11 +149,8 @@ def make_setup(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
     lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()},
   )
   return Setup(
-    classifier,
-    build_budget_model(config),
-    budget_config,
+    make_model(config),
     optimizer,
-    num_classes,
     steps_per_epoch,
     total,
     eps0=schedules.interpolate(ramp, 0.0, config.eps),
@@ -168,21 +159,12 @@ def make_setup(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> S
   )
 
 
-def init_state(setup: Setup, config: TrainConfig, example) -> TrainState:
-  key = jax.random.key(config.seed)
-  k_cls, k_gen, key = jax.random.split(key, 3)
-  variables = setup.classifier.init(k_cls, example, train=False)
-  params = {"classifier": variables["params"], "budget": None}
-  if setup.budget_model is not None:
-    params["budget"] = setup.budget_model.init(k_gen, example)["params"]
-  batch_stats = variables.get("batch_stats")
-  return TrainState(
-    jnp.asarray(0, jnp.int32),
-    params,
-    batch_stats,
-    setup.optimizer.init(params),
-    jax.random.key_data(key),
-  )
+def init_state(setup: Setup, config: TrainConfig, example=None) -> TrainState:
+  """The state at step 0; ``example`` (default: the dataset's image shape) sizes the model."""
+  if example is None:
+    example = jnp.zeros((1,) + data.info(config.dataset).shape, jnp.float32)
+  variables = setup.model.init(jax.random.key(config.seed), example)
+  return TrainState(jnp.asarray(0, jnp.int32), variables, setup.optimizer.init(variables.params))
 
 
 def make_train_step(setup: Setup, config: TrainConfig):
@@ -190,27 +172,20 @@ def make_train_step(setup: Setup, config: TrainConfig):
 
   def loss_fn(params, batch_stats, image, label, step):
     eps0, kappa, beta = setup.eps0(step), setup.kappa(step), setup.beta(step)
-    out = certified_objective(
-      setup.classifier,
-      setup.budget_model,
-      params,
-      batch_stats,
+    out = setup.model.certified_loss(
+      Variables(params, batch_stats),
       image,
       label,
-      config=setup.budget_config,
       eps0=eps0,
-      method=config.method,
+      kappa=kappa,
       beta=beta,
-      num_classes=setup.num_classes,
-      train=True,
+      method=config.method,
     )
-    clean = optax.softmax_cross_entropy_with_integer_labels(out.clean_logits, label).mean()
-    loss = kappa * clean + (1 - kappa) * out.robust_loss
     stats = budgets_lib.budget_stats(out.eps, image)
     metrics = {
-      "loss": loss,
-      "clean_loss": clean,
-      "robust_loss": out.robust_loss,
+      "loss": out.losses.loss,
+      "clean_loss": out.losses.clean,
+      "robust_loss": out.losses.robust,
       "clean_error": jnp.mean(jnp.argmax(out.clean_logits, -1) != label),
       "certified_error": jnp.mean(jnp.any(out.margin_lower <= 0, axis=1)),
       "eps0": eps0,
@@ -220,26 +195,23 @@ def make_train_step(setup: Setup, config: TrainConfig):
       "eps_min": stats["min"],
       "eps_max": stats["max"],
     }
-    return loss, (out.new_batch_stats, metrics)
+    return out.losses.loss, (out.batch_stats, metrics)
 
   @jax.jit
   def step_fn(state: TrainState, image, label):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (new_stats, metrics)), grads = grad_fn(
-      state.params, state.batch_stats, image, label, state.step
-    )
+    params, batch_stats = state.variables
+    (loss, (new_stats, metrics)), grads = grad_fn(params, batch_stats, image, label, state.step)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = setup.optimizer.update(grads, state.opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     # A non-finite step never reaches the state: the caller stops (or skips) on `finite`.
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(
       state.step + 1,
-      keep(params, state.params),
-      keep(new_stats, state.batch_stats),
+      keep(Variables(new_params, new_stats), state.variables),
       keep(opt_state, state.opt_state),
-      state.key,
     )
     metrics = {**metrics, "grad_norm": grad_norm, "finite": finite}
     return new_state, metrics
@@ -283,7 +255,9 @@ class NonFiniteError(FloatingPointError):
 
 
 def _augment(config: TrainConfig) -> bool:
-  return config.augment if config.augment is not None else config.dataset.startswith("cifar")
+  if config.augment is not None:
+    return config.augment
+  return data.info(config.dataset).base == "cifar10"  # crops and flips suit CIFAR-like images
 
 
 def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
@@ -297,9 +271,7 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
   """
   validate(config)
   os.makedirs(config.workdir, exist_ok=True)
-  checkpoints.check_or_write_config(
-    config.workdir, dataclasses.asdict(config), TrainConfig.IDENTITY
-  )
+  workdir.check_or_write_config(config.workdir, dataclasses.asdict(config), TrainConfig.IDENTITY)
   train_set = data.load(
     config.dataset,
     "train",
@@ -312,10 +284,9 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
       f"--batch_size={config.batch_size} is larger than the training set "
       f"({len(train_set.labels)} examples); use a smaller batch"
     )
-  setup = make_setup(config, train_set.num_classes, data.num_batches(train_set, config.batch_size))
-  example = jnp.asarray(train_set.images[:1])
-  state = init_state(setup, config, example)
-  manager = checkpoints.Manager(config.workdir)
+  setup = make_setup(config, data.num_batches(train_set, config.batch_size))
+  state = init_state(setup, config)
+  manager = workdir.Manager(config.workdir)
   restored = manager.restore_latest(state)
   start = 0
   if restored is not None:
@@ -332,7 +303,7 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
     setup.total_steps,
     config.batch_size,
   )
-  metrics_log = checkpoints.MetricsLog(config.workdir, resume_step=start)
+  metrics_log = workdir.MetricsLog(config.workdir, resume_step=start)
   if restored is not None:
     metrics_log.write({"step": start, "event": "resumed"})
   step_fn = make_train_step(setup, config)

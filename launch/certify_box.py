@@ -35,26 +35,16 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from cbudget import budgets as budgets_lib
-  from cbudget import certify, data
-  from cbudget.checkpoints import atomic_write_text
-  from cbudget.evaluate import load_run
+  from cbudget import certify
+  from cbudget.evaluate import load_run, load_test_set
+  from cbudget.workdir import atomic_write_text
 
   config, setup, state = load_run(FLAGS.workdir)
-  test = data.load(
-    config.dataset, "test", config.data_dir, seed=config.seed, num_examples=FLAGS.num_examples
-  )
+  test = load_test_set(config, FLAGS.num_examples)
   x, y = jnp.asarray(test.images), jnp.asarray(test.labels)
-  variables = {"params": state.params["classifier"]}
-  if state.batch_stats is not None:
-    variables["batch_stats"] = state.batch_stats
-  logits_fn = lambda v, z: setup.classifier.apply(v, z, train=False)
-  raw = None
-  if setup.budget_model is not None:
-    raw = setup.budget_model.apply({"params": state.params["budget"]}, x)
-  proposed = jnp.broadcast_to(
-    budgets_lib.budgets(setup.budget_config, config.eps, raw, x.shape), x.shape
-  )
+  model, variables = setup.model, state.variables
+  logits_fn = model.logits  # (variables, x) -> logits; the budget generator's params are unused
+  proposed = jnp.broadcast_to(model.budgets(variables.params, x, config.eps), x.shape)
   options = {}
   if FLAGS.method in ("crown", "alpha-crown"):
     options["memory_limit"] = int(FLAGS.crown_memory_gib * 2**30)

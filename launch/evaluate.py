@@ -41,22 +41,29 @@ flags.register_validator(
 
 def main(argv):
   del argv
-  from cbudget.checkpoints import atomic_write_text
   from cbudget.evaluate import evaluate
+  from cbudget.workdir import atomic_write_text
 
+  plot = os.path.join(FLAGS.workdir, "budgets.png") if FLAGS.plot else None
+  options = {
+    name: FLAGS[name].value
+    for name in (
+      "batch_size",
+      "pgd_steps",
+      "pgd_restarts",
+      "crown_chunk_size",
+      "crown_memory_gib",
+      "crown_examples",
+      "x64",
+    )
+  }
   results = evaluate(
     FLAGS.workdir,
     num_examples=FLAGS.num_examples or None,
+    plot=plot,
     methods=tuple(FLAGS.methods),
-    batch_size=FLAGS.batch_size,
-    pgd_steps=FLAGS.pgd_steps,
-    pgd_restarts=FLAGS.pgd_restarts,
-    crown_chunk_size=FLAGS.crown_chunk_size,
-    crown_memory_gib=FLAGS.crown_memory_gib,
-    crown_examples=FLAGS.crown_examples,
-    x64=FLAGS.x64,
+    **options,
   )
-  samples = results.pop("samples")
   atomic_write_text(os.path.join(FLAGS.workdir, "eval.json"), json.dumps(results, indent=2) + "\n")
   print(
     f"{results['dataset']} / {results['model']} / {results['budget_mode']} budgets, "
@@ -75,20 +82,8 @@ def main(argv):
       f"  budget–relevance AUROC {results['relevance_auroc']:.3f}, "
       f"mean budget out/in mask {results['budget_ratio_out_in']:.2f}"
     )
-  if FLAGS.plot:
-    from launch.visualize import plot_budget_grid
-
-    path = os.path.join(FLAGS.workdir, "budgets.png")
-    plot_budget_grid(
-      samples["images"],
-      samples["eps"],
-      path,
-      masks=samples["masks"],
-      labels=samples["labels"],
-      preds=samples["preds"],
-      title=f"{results['budget_mode']} budgets, ε₀ = {results['eps']:.3g}",
-    )
-    print(f"  wrote {path}")
+  if plot is not None:
+    print(f"  wrote {plot}")
   print(f"  wrote {os.path.join(FLAGS.workdir, 'eval.json')}")
 
 

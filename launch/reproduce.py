@@ -64,7 +64,6 @@ def run_preset(name: str) -> dict:
     crown_chunk_size=FLAGS.crown_chunk_size,
     crown_examples=FLAGS.crown_examples,
   )
-  results.pop("samples")
   results.update(
     preset=name,
     schedule=FLAGS.schedule,
@@ -118,7 +117,7 @@ def table(results_dir: str) -> str:
 
 def main(argv):
   del argv
-  from cbudget.checkpoints import atomic_write_text
+  from cbudget.workdir import atomic_write_text
 
   os.makedirs(FLAGS.results_dir, exist_ok=True)
   names = FLAGS.only or [n for n in presets.PRESETS if presets.FAMILY[n] in FLAGS.families]

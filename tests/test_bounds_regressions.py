@@ -110,5 +110,5 @@ def test_lower_only_crown_under_jit():
 
 def test_mixing_examples_is_a_clear_error():
   box = Box.from_budget(jnp.full((3, 4), 0.5), 0.1)
-  with pytest.raises(ValueError, match="batch as its leading axis"):
+  with pytest.raises(ValueError, match="treat the examples of the batch independently"):
     ibp(lambda p, x: x - x.mean(axis=0))(None, box)

@@ -1,4 +1,5 @@
-"""Tests for cbudget.budgets: exact log-volume projection, budget modes, stats."""
+"""Tests for cbudget.budgets: the exact log-volume projection (``project_rows``, what ``budgets``
+runs), budget modes, stats."""
 
 import math
 
@@ -9,14 +10,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from jax.test_util import check_grads
+
 from cbudget.budgets import (
   BudgetConfig,
   BudgetRangeError,
-  GlobalBudget,
   budget_stats,
   budgets,
   make_budget_config,
-  project_log_budgets,
+  project_rows,
 )
 
 
@@ -25,6 +27,14 @@ def x64():
   """Enable float64 for the test, restoring the previous setting afterwards."""
   with jax.enable_x64(True):
     yield
+
+
+def project(raw, t, lo, hi):
+  """``project_rows`` on ``[B, ...]`` arrays (one row per example), targets scalar or ``[B]``."""
+  raw = jnp.asarray(raw)
+  b = raw.shape[0]
+  per_row = lambda v: jnp.broadcast_to(jnp.asarray(v, raw.dtype), (b,))
+  return project_rows(raw.reshape(b, -1), per_row(t), per_row(lo), per_row(hi)).reshape(raw.shape)
 
 
 # ----------------------------------------------------------------------------
@@ -76,7 +86,7 @@ def test_exact_mean_float64(x64):
   raw = jnp.asarray(rng.normal(size=(16, 8, 8, 3)) * 2.0)
   t = jnp.asarray(rng.uniform(-3, -1, size=16))
   lo, hi = t + math.log(0.25), t + math.log(4.0)
-  v = project_log_budgets(raw, t, lo, hi)
+  v = project(raw, t, lo, hi)
   assert v.dtype == jnp.float64 and v.shape == raw.shape
   np.testing.assert_allclose(np.mean(np.asarray(v), axis=(1, 2, 3)), t, rtol=0, atol=1e-12)
   assert np.all(np.asarray(v) >= np.asarray(lo)[:, None, None, None])
@@ -87,7 +97,7 @@ def test_exact_mean_float32():
   rng = np.random.default_rng(1)
   raw = jnp.asarray(rng.normal(size=(8, 28, 28, 1)) * 3.0, jnp.float32)
   t = math.log(0.1)
-  v = project_log_budgets(raw, t, t + math.log(0.25), t + math.log(4.0))
+  v = project(raw, t, t + math.log(0.25), t + math.log(4.0))
   assert v.dtype == jnp.float32
   mean = np.mean(np.asarray(v, np.float64), axis=(1, 2, 3))
   np.testing.assert_allclose(mean, t, rtol=0, atol=1e-5)
@@ -129,7 +139,7 @@ def _rows_strategy():
 def test_matches_bruteforce_reference(case):
   raw, t, lo, hi = case
   with jax.enable_x64(True):
-    v = np.asarray(project_log_budgets(jnp.asarray(raw), t, lo, hi))
+    v = np.asarray(project(jnp.asarray(raw), t, lo, hi))
   ref = reference_projection(raw, t, lo, hi)
   np.testing.assert_allclose(v, ref, rtol=0, atol=1e-9)
   np.testing.assert_allclose(v.mean(axis=1), t, rtol=0, atol=1e-12 * (1 + np.abs(t).max()))
@@ -141,8 +151,8 @@ def test_matches_bruteforce_reference(case):
 def test_idempotent(case):
   raw, t, lo, hi = case
   with jax.enable_x64(True):
-    v = project_log_budgets(jnp.asarray(raw), t, lo, hi)
-    v2 = project_log_budgets(v, t, lo, hi)
+    v = project(jnp.asarray(raw), t, lo, hi)
+    v2 = project(v, t, lo, hi)
   np.testing.assert_allclose(
     np.asarray(v2), np.asarray(v), rtol=0, atol=1e-12 * (1 + np.abs(t).max())
   )
@@ -151,41 +161,25 @@ def test_idempotent(case):
 def test_edge_cases(x64):
   raw = jnp.asarray([[0.3, -1.0, 2.0], [0.0, 0.0, 0.0]])
   # Target on a bound: every coordinate clipped, v is that constant.
-  np.testing.assert_array_equal(project_log_budgets(raw, -1.0, -1.0, 1.0), -np.ones((2, 3)))
-  np.testing.assert_array_equal(project_log_budgets(raw, 1.0, -1.0, 1.0), np.ones((2, 3)))
+  np.testing.assert_array_equal(project(raw, -1.0, -1.0, 1.0), -np.ones((2, 3)))
+  np.testing.assert_array_equal(project(raw, 1.0, -1.0, 1.0), np.ones((2, 3)))
   # Degenerate range lo == t == hi.
-  np.testing.assert_array_equal(project_log_budgets(raw, 0.5, 0.5, 0.5), np.full((2, 3), 0.5))
+  np.testing.assert_array_equal(project(raw, 0.5, 0.5, 0.5), np.full((2, 3), 0.5))
   # All ties: v == t.
-  np.testing.assert_allclose(
-    project_log_budgets(raw[1:], -0.2, -1.0, 1.0), np.full((1, 3), -0.2), atol=1e-15
-  )
+  np.testing.assert_allclose(project(raw[1:], -0.2, -1.0, 1.0), np.full((1, 3), -0.2), atol=1e-15)
   # d == 1: v == t, zero gradient w.r.t. raw, unit gradient w.r.t. t.
   r1 = jnp.asarray([[5.0], [-3.0]])
-  np.testing.assert_allclose(
-    project_log_budgets(r1, 0.1, -1.0, 1.0), np.full((2, 1), 0.1), atol=1e-15
-  )
-  g_raw = jax.grad(lambda r: project_log_budgets(r, 0.1, -1.0, 1.0).sum())(r1)
-  g_t = jax.grad(lambda t: project_log_budgets(r1, t, -1.0, 1.0).sum())(0.1)
+  np.testing.assert_allclose(project(r1, 0.1, -1.0, 1.0), np.full((2, 1), 0.1), atol=1e-15)
+  g_raw = jax.grad(lambda r: project(r, 0.1, -1.0, 1.0).sum())(r1)
+  g_t = jax.grad(lambda t: project(r1, t, -1.0, 1.0).sum())(0.1)
   np.testing.assert_array_equal(g_raw, 0.0)
   np.testing.assert_allclose(g_t, 2.0)
   # Infinite bounds mean no clipping on that side.
-  v = project_log_budgets(raw[:1], 0.0, -jnp.inf, jnp.inf)
+  v = project(raw[:1], 0.0, -jnp.inf, jnp.inf)
   np.testing.assert_allclose(v, raw[:1] - raw[:1].mean(), atol=1e-15)
   # Gradients at a fully clipped point are finite (derivative of the constant v == t).
-  g = jax.grad(lambda t: project_log_budgets(raw, t, -1.0, 1.0).sum())(-1.0)
+  g = jax.grad(lambda t: project(raw, t, -1.0, 1.0).sum())(-1.0)
   np.testing.assert_allclose(g, 6.0)
-
-
-def test_axis_argument(x64):
-  rng = np.random.default_rng(2)
-  raw = jnp.asarray(rng.normal(size=(3, 4, 5)))
-  v = project_log_budgets(raw, jnp.asarray([0.1, 0.2, 0.3, 0.4]), -1.0, 1.0, axis=(0, 2))
-  np.testing.assert_allclose(np.asarray(v).mean(axis=(0, 2)), [0.1, 0.2, 0.3, 0.4], atol=1e-12)
-  # axis=-1 on a 2-D input equals the default.
-  raw2 = raw.reshape(3, 20)
-  np.testing.assert_array_equal(
-    project_log_budgets(raw2, 0.0, -1, 1, axis=-1), project_log_budgets(raw2, 0.0, -1, 1)
-  )
 
 
 # ----------------------------------------------------------------------------
@@ -212,7 +206,7 @@ def _generic_case(seed, d=7, margin=1e-3):
 def test_jacobian_matches_formula_and_finite_differences(x64, seed):
   raw, t, lo, hi = _generic_case(seed)
   raw_j = jnp.asarray(raw)
-  f = lambda r, t_, lo_, hi_: project_log_budgets(r[None], t_, lo_, hi_)[0]
+  f = lambda r, t_, lo_, hi_: project(r[None], t_, lo_, hi_)[0]
   args = (raw_j[0], jnp.asarray(t[0]), jnp.asarray(lo[0]), jnp.asarray(hi[0]))
   v = np.asarray(f(*args))
   J, dt, dlo, dhi = analytic_jacobians(v, lo[0], hi[0])
@@ -250,18 +244,18 @@ def test_jacobian_matches_formula_and_finite_differences(x64, seed):
 def test_gradient_wrt_log_eps0(x64):
   raw, t, lo, hi = _generic_case(5)
   w = np.random.default_rng(0).normal(size=raw.shape[1])
-  loss = lambda t_: jnp.sum(w * project_log_budgets(jnp.asarray(raw), t_, lo, hi)[0])
-  v = np.asarray(project_log_budgets(jnp.asarray(raw), t, lo, hi))[0]
+  loss = lambda t_: jnp.sum(w * project(jnp.asarray(raw), t_, lo, hi)[0])
+  v = np.asarray(project(jnp.asarray(raw), t, lo, hi))[0]
   _, dt, _, _ = analytic_jacobians(v, lo[0], hi[0])
   np.testing.assert_allclose(jax.grad(loss)(t[0]), np.sum(w * dt), rtol=1e-12)
   # d mean(v) / d log_eps0 == 1 (the volume follows the target exactly).
-  g = jax.grad(lambda t_: jnp.mean(project_log_budgets(jnp.asarray(raw), t_, lo, hi)))(t[0])
+  g = jax.grad(lambda t_: jnp.mean(project(jnp.asarray(raw), t_, lo, hi)))(t[0])
   np.testing.assert_allclose(g, 1.0, rtol=1e-12)
 
 
 def test_gradients_float32_finite():
   raw = jnp.asarray(np.random.default_rng(3).normal(size=(4, 10)), jnp.float32)
-  g = jax.grad(lambda r: jnp.sum(jnp.sin(project_log_budgets(r, -2.0, -3.0, -1.0))))(raw)
+  g = jax.grad(lambda r: jnp.sum(jnp.sin(project(r, -2.0, -3.0, -1.0))))(raw)
   assert g.dtype == jnp.float32 and np.all(np.isfinite(g))
   # Each row's gradient sums to zero: shifting raw by a constant does not change v.
   np.testing.assert_allclose(np.asarray(g).sum(axis=1), 0.0, atol=1e-5)
@@ -272,30 +266,19 @@ def test_gradients_float32_finite():
 # ----------------------------------------------------------------------------
 
 
-def test_infeasible_targets_raise():
-  raw = jnp.zeros((2, 3))
-  with pytest.raises(BudgetRangeError, match="must contain 1"):
-    project_log_budgets(raw, 0.0, 0.1, 1.0)
-  with pytest.raises(BudgetRangeError, match="must contain 1"):
-    project_log_budgets(raw, 0.0, -1.0, -0.1)
-  with pytest.raises(BudgetRangeError):  # one bad example in a per-example array
-    project_log_budgets(raw, jnp.asarray([0.0, 2.0]), -1.0, 1.0)
-  assert issubclass(BudgetRangeError, ValueError)
-
-
 def test_jit_and_vmap_match_eager():
   rng = np.random.default_rng(4)
   raw = jnp.asarray(rng.normal(size=(6, 5, 5, 1)), jnp.float32)
   t = jnp.asarray(rng.uniform(-3, -1, size=6), jnp.float32)
   lo, hi = t - 1.0, t + 0.5
-  eager = project_log_budgets(raw, t, lo, hi)
-  jitted = jax.jit(project_log_budgets)(raw, t, lo, hi)  # traced targets (e.g. a schedule)
+  eager = project(raw, t, lo, hi)
+  jitted = jax.jit(project)(raw, t, lo, hi)  # traced targets (e.g. a schedule)
   np.testing.assert_allclose(jitted, eager, atol=1e-6)
-  one = lambda r, t_, lo_, hi_: project_log_budgets(r[None], t_, lo_, hi_)[0]
+  one = lambda r, t_, lo_, hi_: project(r[None], t_, lo_, hi_)[0]
   vmapped = jax.vmap(one)(raw, t, lo, hi)
   np.testing.assert_allclose(vmapped, eager, atol=1e-6)
-  g_eager = jax.grad(lambda r: jnp.sum(project_log_budgets(r, t, lo, hi) ** 2))(raw)
-  g_jit = jax.jit(jax.grad(lambda r: jnp.sum(project_log_budgets(r, t, lo, hi) ** 2)))(raw)
+  g_eager = jax.grad(lambda r: jnp.sum(project(r, t, lo, hi) ** 2))(raw)
+  g_jit = jax.jit(jax.grad(lambda r: jnp.sum(project(r, t, lo, hi) ** 2)))(raw)
   np.testing.assert_allclose(g_jit, g_eager, atol=1e-5)
 
 
@@ -398,24 +381,13 @@ def test_budgets_shape_errors():
     budgets(cfg, -0.1, jnp.zeros((2, 4, 4, 1)), (2, 4, 4, 3))
 
 
-def test_global_budget_module():
-  x = jnp.asarray(np.random.default_rng(10).uniform(size=(3, 5, 5, 3)), jnp.float32)
-  for per_pixel, pshape in ((True, (5, 5, 1)), (False, (5, 5, 3))):
-    gb = GlobalBudget(per_pixel=per_pixel)
-    params = gb.init(jax.random.key(0), x)
-    p = params["params"]["raw_log_budgets"]
-    assert p.shape == pshape
-    np.testing.assert_array_equal(p, 0.0)
-    raw = gb.apply(params, x)
-    assert raw.shape == (3,) + pshape
-    cfg = make_budget_config("global", (0.5, 2.0), per_pixel=per_pixel)
-    np.testing.assert_allclose(budgets(cfg, 0.1, raw, x.shape), 0.1, rtol=1e-6)  # uniform at init
-    w = jnp.asarray(np.random.default_rng(11).normal(size=x.shape), jnp.float32)
-    g = jax.jit(jax.grad(lambda prm: jnp.sum(w * budgets(cfg, 0.1, gb.apply(prm, x), x.shape))))(
-      params
-    )
-    gp = g["params"]["raw_log_budgets"]
-    assert np.all(np.isfinite(gp)) and np.any(gp != 0)
+def test_budgets_gradients_match_finite_differences(x64):
+  """The production path end to end: raw log-budgets and eps0 -> budgets, differentiated."""
+  cfg = make_budget_config("contextual", (0.25, 4.0))
+  raw = jnp.asarray(np.random.default_rng(12).normal(size=(2, 3, 3, 1)))
+  w = jnp.asarray(np.random.default_rng(13).normal(size=(2, 3, 3, 2)))
+  loss = lambda r, e0: jnp.sum(w * budgets(cfg, e0, r, (2, 3, 3, 2)))
+  check_grads(loss, (raw, 0.1), order=1, modes=["fwd", "rev"], eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------

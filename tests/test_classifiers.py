@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cbudget import data
+from cbudget.bounds import Box, crown, ibp
+from cbudget.objective import margin_spec
 from cbudget.models import classifiers as C
 
 SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -38,8 +41,8 @@ def _count(tree) -> int:
 
 
 def _init(name, dataset, batch=4, seed=0):
-  mean, std = C.get_dataset_stats(dataset)
-  model = C.get_classifier(name, 10, mean=mean, std=std)
+  facts = data.info(dataset)
+  model = C.get_classifier(name, 10, mean=facts.mean, std=facts.std)
   x = jax.random.uniform(jax.random.key(seed), (batch,) + SHAPES[dataset])
   variables = model.init(jax.random.key(1), x, train=False)
   return model, variables, x
@@ -110,7 +113,7 @@ def test_train_flag_ignored_by_bn_free_models():
 
 def test_normalisation_inside_model():
   """A model with (mean, std) equals the identity-normalised model on (x-mean)/std."""
-  mean, std = C.get_dataset_stats("cifar10")
+  mean, std = data.info("cifar10").mean, data.info("cifar10").std
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
   m_norm = C.get_classifier("dm_small", 10, mean=mean, std=std)
   m_id = C.get_classifier("dm_small", 10)
@@ -119,17 +122,6 @@ def test_normalisation_inside_model():
   np.testing.assert_allclose(
     m_norm.apply(variables, x), m_id.apply(variables, xn), rtol=1e-5, atol=1e-5
   )
-
-
-def test_dataset_stats():
-  assert C.get_dataset_stats("mnist") == ((0.1307,), (0.3081,))
-  assert C.get_dataset_stats("CIFAR-10") == C.DATASET_STATS["cifar10"]
-  assert C.DATASET_STATS["cifar10"] == (
-    (0.4914, 0.4822, 0.4465),
-    (0.2471, 0.2435, 0.2616),
-  )
-  assert C.get_dataset_stats("unknown") == ((0.0,), (1.0,))
-  assert C.get_dataset_stats(None) == ((0.0,), (1.0,))
 
 
 def test_unknown_name_lists_valid_names():
@@ -180,3 +172,23 @@ def test_jaxpr_has_only_simple_primitives():
 
     used = set(prims(jaxpr.jaxpr))
     assert used <= allowed, (name, used - allowed)
+
+
+@pytest.mark.parametrize(
+  "name,shape",
+  [(n, (28, 28, 1)) for n in C.CLASSIFIERS if n not in ("cnn7", "dm_large")]
+  + [("cnn7", (32, 32, 3)), ("dm_large", (32, 32, 3))],
+)
+def test_every_classifier_is_boundable_and_sound(name, shape):
+  model = C.get_classifier(name, 10)
+  x = jax.random.uniform(jax.random.key(0), (2,) + shape)
+  variables = model.init(jax.random.key(1), x)
+  f = lambda v, z: model.apply(v, z, train=False)
+  box = Box.from_budget(x, 0.002)
+  spec = margin_spec(jnp.array([0, 1]), 10)
+  pts = jax.random.uniform(jax.random.key(2), (16,) + x.shape, minval=box.lower, maxval=box.upper)
+  margins = jnp.einsum("nsk,pnk->pns", spec, jax.jit(jax.vmap(lambda z: f(variables, z)))(pts))
+  for method in (ibp(f), crown(f)):
+    b = jax.jit(method)(variables, box, spec)
+    assert np.all(np.isfinite(b.lower))
+    assert np.all(np.asarray(margins) >= np.asarray(b.lower) - 2e-5 * (1 + np.abs(b.lower)))

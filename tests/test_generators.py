@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from cbudget.budgets import budgets, make_budget_config
-from cbudget.models.generators import CoarseGenerator, SmallGenerator, UNetGenerator, get_generator
+from cbudget.models.generators import (
+  CoarseGenerator,
+  GlobalBudget,
+  SmallGenerator,
+  UNetGenerator,
+  budget_model,
+  get_generator,
+)
 
 
 def _key(seed=0):
@@ -83,3 +90,29 @@ def test_near_uniform_at_init_and_gradients(name, shape):
   # The small (not zero) head init lets the gradient reach the body, not only the head.
   body = [g for path, g in leaves if "head" not in jax.tree_util.keystr(path)]
   assert body and any(np.any(g != 0) for g in body)
+
+
+def test_global_budget_module():
+  x = jnp.asarray(np.random.default_rng(10).uniform(size=(3, 5, 5, 3)), jnp.float32)
+  for per_pixel, pshape in ((True, (5, 5, 1)), (False, (5, 5, 3))):
+    gb = GlobalBudget(per_pixel=per_pixel)
+    params = gb.init(jax.random.key(0), x)
+    p = params["params"]["raw_log_budgets"]
+    assert p.shape == pshape
+    np.testing.assert_array_equal(p, 0.0)
+    raw = gb.apply(params, x)
+    assert raw.shape == (3,) + pshape
+    cfg = make_budget_config("global", (0.5, 2.0), per_pixel=per_pixel)
+    np.testing.assert_allclose(budgets(cfg, 0.1, raw, x.shape), 0.1, rtol=1e-6)  # uniform at init
+    w = jnp.asarray(np.random.default_rng(11).normal(size=x.shape), jnp.float32)
+    g = jax.jit(jax.grad(lambda prm: jnp.sum(w * budgets(cfg, 0.1, gb.apply(prm, x), x.shape))))(
+      params
+    )
+    gp = g["params"]["raw_log_budgets"]
+    assert np.all(np.isfinite(gp)) and np.any(gp != 0)
+
+
+def test_budget_model_of_each_mode():
+  assert budget_model("uniform") is None
+  assert budget_model("global", per_pixel=False) == GlobalBudget(per_pixel=False)
+  assert isinstance(budget_model("contextual", "small"), SmallGenerator)

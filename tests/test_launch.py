@@ -1,16 +1,20 @@
 """The launchers as a user meets them: bad flags and files give one-line errors; kills lose nothing."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import json
+import stat
+
 import chex
 import jax
 import pytest
 
-from cbudget import checkpoints
+from cbudget import workdir
 from cbudget.evaluate import load_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,14 +64,31 @@ def test_bad_settings_at_run_time(tmp_path):
   assert_clear_error(out, "no config.json")
 
 
-def test_workdir_of_a_different_model(tmp_path):
-  assert run("launch.train", f"--workdir={tmp_path}/w", "--steps=2", *SMALL).returncode == 0
-  out = run("launch.train", f"--workdir={tmp_path}/w", "--steps=2", "--model=mlp", *SMALL)
+def test_workdir_of_a_different_model(trained_run):
+  out = run("launch.train", f"--workdir={trained_run.workdir}", "--steps=2", "--model=mlp", *SMALL)
   assert_clear_error(out, "holds a run with different settings (--model='dm_small' there vs 'mlp'")
 
 
-def _params(workdir):
-  return jax.tree.leaves(load_run(workdir)[2].params)
+def test_evaluate_and_visualize_a_run(trained_run, tmp_path):
+  work = tmp_path / "copy"
+  shutil.copytree(trained_run.workdir, work)  # the launchers write into the workdir
+  out = run("launch.evaluate", f"--workdir={work}", "--num_examples=20", "--methods=ibp,crown")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "shapes / dm_small / contextual budgets, ε₀ = 0.1, 20 test examples" in out.stdout
+  assert "certified error" in out.stdout and "budget–relevance AUROC" in out.stdout
+  assert "evaluated 20/20 examples" in out.stderr  # progress
+  results = json.loads((work / "eval.json").read_text())
+  assert set(results["certified_error"]) == {"ibp", "crown"} and "samples" not in results
+  for name in ("eval.json", "budgets.png"):
+    assert stat.S_IMODE(os.stat(work / name).st_mode) & 0o644 == 0o644, name
+  out = run("launch.visualize", f"--workdir={work}", "--num_examples=3")
+  assert out.returncode == 0, out.stderr[-2000:]
+  for name in ("budgets_grid.png", "curves.png"):
+    assert (work / name).stat().st_size > 0 and f"wrote {work / name}" in out.stdout
+
+
+def _params(path):
+  return jax.tree.leaves(load_run(path).state.variables.params)
 
 
 def _wait_for_checkpoint(workdir, proc, at_least, timeout=240):
@@ -95,13 +116,13 @@ def test_sigkill_then_same_command_resumes_to_the_same_parameters(tmp_path):
   _wait_for_checkpoint(f"{tmp_path}/killed", proc, at_least=8)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = checkpoints.Manager(f"{tmp_path}/killed").latest_step()
+  killed_at = workdir.Manager(f"{tmp_path}/killed").latest_step()
   assert killed_at is not None and killed_at < 40
   out = run("launch.train", f"--workdir={tmp_path}/killed", *args)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "resumed from step" in out.stderr
   chex.assert_trees_all_equal(_params(f"{tmp_path}/straight"), _params(f"{tmp_path}/killed"))
-  records = checkpoints.read_metrics(f"{tmp_path}/killed")
+  records = workdir.read_metrics(f"{tmp_path}/killed")
   steps = [r["step"] for r in records if "loss" in r]
   assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicates, no gaps at the end
 
@@ -124,6 +145,6 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
   stdout, stderr = proc.communicate(timeout=120)
   assert proc.returncode == 0, stderr[-2000:]
   assert "interrupted: run the same command to resume" in stdout
-  step = checkpoints.Manager(f"{tmp_path}/w").latest_step()
+  step = workdir.Manager(f"{tmp_path}/w").latest_step()
   assert 4 <= step < 400
-  assert int(load_run(f"{tmp_path}/w")[2].step) == step
+  assert int(load_run(f"{tmp_path}/w").state.step) == step

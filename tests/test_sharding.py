@@ -19,13 +19,13 @@ SCRIPT = textwrap.dedent("""
     from cbudget import data
     from cbudget.train import TrainConfig, data_parallel, init_state, make_setup, make_train_step
     assert jax.device_count() == 4, jax.devices()
-    for model, method in [("dm_small", "crown-ibp"), ("cnn7", "ibp")]:
+    for model, method in [("mlp", "crown-ibp"), ("resnet", "ibp")]:  # resnet: BatchNorm
       config = TrainConfig(workdir="unused", model=model, method=method, budget="contextual",
                            batch_size=8, steps=4, warmup_fraction=0.0, ramp_fraction=0.0)
       ds = data.load("shapes", "train", num_examples=8)
       x, y = ds.images, ds.labels
-      setup = make_setup(config, ds.num_classes, steps_per_epoch=1)
-      state = init_state(setup, config, jnp.asarray(x[:1]))
+      setup = make_setup(config, steps_per_epoch=1)
+      state = init_state(setup, config)
       step = make_train_step(setup, config)
       one = jax.devices()[0]
       s1, m1 = step(jax.device_put(state, one), jax.device_put(x, one), jax.device_put(y, one))
@@ -40,13 +40,13 @@ SCRIPT = textwrap.dedent("""
                        if ".mu" in jax.tree_util.keystr(path)]
       for u, v in zip(mu(s1), mu(s4)):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-7, err_msg="grad")
-      for u, v in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s4.batch_stats)):
+      for u, v in zip(jax.tree.leaves(s1.variables.batch_stats), jax.tree.leaves(s4.variables.batch_stats)):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-7, err_msg="bn")
       # Updated params, where the gradient is above rounding noise: a conv bias followed by
       # BatchNorm has gradient exactly 0 in exact arithmetic, and Adam's first step moves a
       # parameter by +-lr whatever the size of its (noise) gradient.
       flat = lambda t: jax.tree.leaves(t)
-      for g, u, v in zip(mu(s1), flat(s1.params), flat(s4.params)):
+      for g, u, v in zip(mu(s1), flat(s1.variables.params), flat(s4.variables.params)):
         signal = np.abs(np.asarray(g)) > 1e-6
         np.testing.assert_allclose(np.asarray(u)[signal], np.asarray(v)[signal], rtol=1e-5,
                                    atol=1e-6, err_msg="params")

@@ -1,46 +1,47 @@
 """End to end: a few training steps on the embedded data, evaluation, resume, bad settings."""
 
+import os
+import stat
+
 import chex
 import jax
 import numpy as np
 import pytest
 
-from cbudget import checkpoints
+from cbudget import workdir
 from cbudget.evaluate import evaluate, load_run
-from cbudget.train import NonFiniteError, TrainConfig, train
-
-TINY = dict(
-  dataset="shapes",
-  model="dm_small",
-  num_train_examples=256,
-  batch_size=32,
-  log_every=2,
-  checkpoint_every=4,
-  eps=0.1,
-  warmup_fraction=0.0,
-  ramp_fraction=0.5,
-)
+from cbudget.train import NonFiniteError, train
+from tests.conftest import tiny_config
 
 
 def tiny(tmp_path, name="run", **kw):
-  return TrainConfig(workdir=str(tmp_path / name), **{**TINY, **kw})
+  return tiny_config(tmp_path / name, **kw)
 
 
 @pytest.mark.parametrize(
-  "budget,method",
-  [("uniform", "ibp"), ("global", "crown-ibp"), ("contextual", "ibp"), ("contextual", "crown-ibp")],
+  "budget,method,eval_methods",
+  [
+    ("uniform", "ibp", ("ibp", "crown-ibp")),
+    ("global", "crown-ibp", ("ibp", "crown-ibp")),
+    # Contextual IBP training is what trained_run (evaluated below) and the resume test run; full
+    # CROWN runs once here (every budget mode gives it the same kind of box) and on trained_run.
+    ("contextual", "crown-ibp", ("ibp", "crown-ibp", "crown")),
+  ],
 )
-def test_smoke_train_then_evaluate(tmp_path, budget, method):
+def test_smoke_train_then_evaluate(tmp_path, budget, method, eval_methods):
   config = tiny(tmp_path, budget=budget, method=method, steps=4)
   result = train(config)
   assert result["step"] == 4 and not result["interrupted"]
-  records = checkpoints.read_metrics(config.workdir)
+  records = workdir.read_metrics(config.workdir)
   assert [r["step"] for r in records] == [2, 4]
   assert all(np.isfinite(r["loss"]) for r in records)
   # The volume constraint holds during training: equivalent ε equals the scheduled ε₀.
   for r in records:
     assert r["equivalent_eps"] == pytest.approx(r["eps0"], rel=1e-4, abs=1e-7)
-  results = evaluate(config.workdir, num_examples=40, batch_size=20, pgd_steps=5)
+  results = evaluate(
+    config.workdir, num_examples=20, batch_size=20, pgd_steps=3, methods=eval_methods
+  )
+  assert set(results["certified_error"]) == set(eval_methods)
   assert 0 <= results["clean_error"] <= results["pgd_error"]
   for err in results["certified_error"].values():
     assert results["pgd_error"] <= err <= 1
@@ -48,25 +49,24 @@ def test_smoke_train_then_evaluate(tmp_path, budget, method):
   assert 0 <= results["relevance_auroc"] <= 1
 
 
-def test_clean_le_pgd_le_certified_on_a_trained_model(tmp_path):
+def test_clean_le_pgd_le_certified_on_a_trained_model(trained_run, tmp_path):
   """Trained long enough to certify some examples: the ordering must hold with real numbers."""
-  config = tiny(
-    tmp_path,
-    steps=300,
-    num_train_examples=1024,
-    batch_size=64,
-    checkpoint_every=300,
-    log_every=100,
-    warmup_fraction=0.1,
+  plot = str(tmp_path / "budgets.png")
+  r = evaluate(
+    trained_run.workdir,
+    num_examples=60,
+    batch_size=60,
+    pgd_steps=10,
+    x64=True,
+    plot=plot,
   )
-  train(config)
-  r = evaluate(config.workdir, num_examples=200, batch_size=100, pgd_steps=10, x64=True)
-  assert r["clean_error"] <= r["pgd_error"]
+  assert r["num_examples"] == 60 and r["clean_error"] <= r["pgd_error"]
   for method, err in r["certified_error"].items():
     assert r["pgd_error"] <= err, method
   assert min(r["certified_error"].values()) < 0.9, "the model should certify some examples"
   # Whatever float32 certifies, float64 certifies too (report, and on this model: none differ).
   assert r["float32_only_certified"] == {m: 0 for m in r["certified_error"]}
+  assert os.path.getsize(plot) > 0
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -74,20 +74,24 @@ def test_resume_equals_uninterrupted(tmp_path):
   train(straight)
   resumed = tiny(tmp_path, "resumed", steps=8)
   train(resumed, until_step=3)  # stopped between checkpoints...
-  assert checkpoints.Manager(resumed.workdir).latest_step() == 3
+  assert workdir.Manager(resumed.workdir).latest_step() == 3
   result = train(resumed)  # ...and the same command again
   assert result["step"] == 8
-  a, b = load_run(straight.workdir)[2], load_run(resumed.workdir)[2]
-  chex.assert_trees_all_equal(a.params, b.params)
+  a, b = load_run(straight.workdir).state, load_run(resumed.workdir).state
+  chex.assert_trees_all_equal(a.variables, b.variables)
   chex.assert_trees_all_equal(a.opt_state, b.opt_state)
-  steps = [r["step"] for r in checkpoints.read_metrics(resumed.workdir) if "loss" in r]
+  steps = [r["step"] for r in workdir.read_metrics(resumed.workdir) if "loss" in r]
   assert steps == [2, 4, 6, 8]  # metrics continue from the checkpoint, without duplicates
+  # Both files were rewritten atomically on resume (through mkstemp's 0600), and are 0644 again.
+  for name in ("config.json", "metrics.jsonl"):
+    mode = stat.S_IMODE(os.stat(os.path.join(resumed.workdir, name)).st_mode)
+    assert mode & 0o644 == 0o644, f"{name} has mode {oct(mode)}"
 
 
-def test_workdir_of_another_model_is_refused(tmp_path):
-  train(tiny(tmp_path, steps=2))
+def test_workdir_of_another_model_is_refused(trained_run):
+  other = tiny_config(trained_run.workdir, model="mlp", steps=2)
   with pytest.raises(ValueError, match="--model='dm_small' there vs 'mlp' now"):
-    train(tiny(tmp_path, steps=2, model="mlp"))
+    train(other)
 
 
 def test_bad_settings_are_clear_errors(tmp_path):
@@ -103,7 +107,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = tiny(tmp_path, steps=40, lr=1e38, checkpoint_every=1, log_every=1)
   with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step (\d+)"):
     train(config)
-  last = checkpoints.Manager(config.workdir).latest_step()
-  state = load_run(config.workdir)[2]
-  assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.params))
+  last = workdir.Manager(config.workdir).latest_step()
+  state = load_run(config.workdir).state
+  assert all(np.all(np.isfinite(np.asarray(p))) for p in jax.tree.leaves(state.variables.params))
   assert last is not None and int(state.step) == last

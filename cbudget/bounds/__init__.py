@@ -15,8 +15,15 @@ Extend the rules at run time with :func:`register_affine`, :func:`register_activ
 from cbudget.bounds._src.alpha_crown import alpha_crown
 from cbudget.bounds._src.api import DEFAULT_REGISTRY, CrownIbpBounds, crown, crown_ibp, ibp
 from cbudget.bounds._src.box import Box
+from cbudget.bounds._src.batching import BatchMixingError
+from cbudget.bounds._src.batching import elementwise as elementwise_batch_rule
 from cbudget.bounds._src.registry import (
+  Affine,
+  BoundRule,
   LinearBounds,
+  Relaxation,
+  bounded_positions,
+  is_box,
   Registry,
   UnsupportedPrimitiveError,
   activation_rule,
@@ -26,16 +33,19 @@ from cbudget.bounds._src.registry import (
 from cbudget.bounds._src.relaxations import SLOPE_CHOICES
 
 
-def register_affine(key, ibp, *, affine_if=None, registry=None, override=False):
+def register_affine(key, ibp, *, affine_if=None, batch_rule=None, registry=None, override=False):
   """Register an operation that is affine in its bounded arguments.
 
   ``key``: a ``jax.extend.core.Primitive``, or the name of a function (a ``jit`` or
   ``custom_jvp``/``custom_vjp`` function; the function object itself works too). ``ibp(*args,
   **params) -> Box`` gets concrete arrays and :class:`Box` es. CROWN passes through the operation
-  exactly with its vector-Jacobian product.
+  exactly with its vector-Jacobian product. For a primitive that cbudget does not know,
+  ``batch_rule(in_axes, in_shapes, params) -> out_axes`` says where its outputs hold the examples
+  (``elementwise_batch_rule`` for element-wise operations); named functions need none (their body
+  is read).
   """
   return (registry or DEFAULT_REGISTRY).register(
-    key, affine_rule(ibp, affine_if), override=override
+    key, affine_rule(ibp, affine_if, batch_rule), override=override
   )
 
 
@@ -67,23 +77,33 @@ def register_activation(
   return (registry or DEFAULT_REGISTRY).register(key, rule, override=override)
 
 
-def register_interval(key, ibp, *, registry=None, override=False):
-  """Register an operation with interval bounds only: ``ibp(*args, **params) -> Box``."""
-  return (registry or DEFAULT_REGISTRY).register(key, interval_rule(ibp), override=override)
+def register_interval(key, ibp, *, batch_rule=None, registry=None, override=False):
+  """Register an operation with interval bounds only: ``ibp(*args, **params) -> Box``
+  (``batch_rule`` as for :func:`register_affine`)."""
+  return (registry or DEFAULT_REGISTRY).register(
+    key, interval_rule(ibp, batch_rule), override=override
+  )
 
 
 __all__ = [
+  "Affine",
+  "BatchMixingError",
+  "BoundRule",
   "Box",
   "alpha_crown",
   "CrownIbpBounds",
   "DEFAULT_REGISTRY",
   "LinearBounds",
   "Registry",
+  "Relaxation",
   "SLOPE_CHOICES",
   "UnsupportedPrimitiveError",
+  "bounded_positions",
   "crown",
   "crown_ibp",
+  "elementwise_batch_rule",
   "ibp",
+  "is_box",
   "register_activation",
   "register_affine",
   "register_interval",

@@ -9,17 +9,20 @@ float32 [N, H, W, 1] masks marking label-relevant pixels where the dataset knows
 Every data problem raises `DataError`.
 """
 
-from cbudget.data._load import DATASETS, DEFAULT_DATASET, load
+from cbudget.data._load import DATASETS, DEFAULT_DATASET, INFO, info, load
 from cbudget.data._pipeline import batches, num_batches, random_crop_flip
 from cbudget.data._synthetic import make_canvas_dataset, make_shapes
-from cbudget.data._types import DataError, Dataset, validate
+from cbudget.data._types import DataError, Dataset, DatasetInfo, validate
 
 __all__ = [
   "DATASETS",
   "DEFAULT_DATASET",
   "DataError",
   "Dataset",
+  "DatasetInfo",
+  "INFO",
   "batches",
+  "info",
   "load",
   "make_canvas_dataset",
   "make_shapes",

@@ -8,14 +8,38 @@ from pathlib import Path
 import numpy as np
 
 from cbudget.data import _readers, _synthetic
-from cbudget.data._types import DataError, Dataset, validate
+from cbudget.data._types import DataError, Dataset, DatasetInfo, validate
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "shapes", "mnist_canvas", "cifar_canvas")
+_MNIST_STATS = ((0.1307,), (0.3081,))
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
+_NO_STATS = ((0.0,), (1.0,))
+_CANVAS_SIDE = 28 * _synthetic.MNIST_CANVAS_GRID
+_SHAPES_SIDE = _synthetic.SHAPES_IMAGE_SIZE
+_SHAPES_CLASSES = len(_synthetic.SHAPE_NAMES)
+
+# Every fact about a dataset that training, loading or evaluation needs, in one table. A canvas is
+# normalised with the statistics of the dataset its images come from.
+INFO: dict[str, DatasetInfo] = {
+  info.name: info
+  for info in (
+    DatasetInfo("mnist", 10, (28, 28, 1), *_MNIST_STATS, base="mnist", has_mask=False),
+    DatasetInfo("fashion_mnist", 10, (28, 28, 1), *_NO_STATS, "fashion_mnist", has_mask=False),
+    DatasetInfo("cifar10", 10, (32, 32, 3), *_CIFAR10_STATS, base="cifar10", has_mask=False),
+    DatasetInfo("shapes", _SHAPES_CLASSES, (_SHAPES_SIDE,) * 2 + (1,), *_NO_STATS, None, True),
+    DatasetInfo("mnist_canvas", 10, (_CANVAS_SIDE,) * 2 + (1,), *_MNIST_STATS, "mnist", True),
+    DatasetInfo("cifar_canvas", 10, (32, 64, 3), *_CIFAR10_STATS, base="cifar10", has_mask=True),
+  )
+}
+DATASETS = tuple(INFO)
 DEFAULT_DATASET = "shapes"
 SPLITS = ("train", "test")
 
-_REAL = ("mnist", "fashion_mnist", "cifar10")
-_CANVAS_BASE = {"mnist_canvas": "mnist", "cifar_canvas": "cifar10"}
+
+def info(name: str) -> DatasetInfo:
+  """The facts about dataset `name` (classes, image shape, normalisation, base, masks)."""
+  if name not in INFO:
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+  return INFO[name]
 
 
 def load(
@@ -42,8 +66,7 @@ def load(
   Returns a Dataset with float32 images in [0, 1] (NHWC), int32 labels, and masks or None; it has passed
   `validate`. Raises DataError on any problem with the arguments or the data.
   """
-  if name not in DATASETS:
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+  facts = info(name)
   if split not in SPLITS:
     raise DataError(f"unknown split {split!r} for {name}; choose 'train' or 'test'")
   if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -54,16 +77,32 @@ def load(
     raise DataError(f"num_examples must be a positive int or None, got {num_examples!r}")
   split_seed = (int(seed), SPLITS.index(split))
 
-  if name == "shapes":
+  if facts.base is None:
     full = _synthetic.make_shapes(_synthetic.SHAPES_SPLIT_SIZES[split], split_seed, name=name)
     dataset = _take(full, num_examples, split)
-  elif name in _CANVAS_BASE:
-    base = _load_real(_CANVAS_BASE[name], split, data_dir, limit=None)
+  elif facts.base != name:
+    base = _load_real(facts.base, split, data_dir, limit=None)
     _check_available(name, split, base.images.shape[0], num_examples)
     dataset = _synthetic.make_canvas_dataset(base, name, split_seed, num_examples=num_examples)
   else:
     dataset = _load_real(name, split, data_dir, limit=num_examples)
-  return validate(dataset)
+  return _check_facts(validate(dataset), facts)
+
+
+def _check_facts(dataset: Dataset, facts: DatasetInfo) -> Dataset:
+  """The loaded data must agree with its row of `INFO` (what models are built from)."""
+  found = DatasetInfo(
+    facts.name,
+    dataset.num_classes,
+    tuple(dataset.images.shape[1:]),
+    facts.mean,
+    facts.std,
+    facts.base,
+    dataset.masks is not None,
+  )
+  if found != facts:
+    raise DataError(f"{facts.name}: the data ({found}) disagrees with cbudget.data.INFO ({facts})")
+  return dataset
 
 
 def _load_real(
@@ -87,7 +126,11 @@ def _load_real(
   if limit is not None:
     images, labels = images[:limit], labels[:limit]
   return Dataset(
-    images=to_float(images), labels=labels.astype(np.int32), masks=None, num_classes=10, name=name
+    images=to_float(images),
+    labels=labels.astype(np.int32),
+    masks=None,
+    num_classes=INFO[name].num_classes,
+    name=name,
   )
 
 

@@ -1,8 +1,12 @@
 """Generated datasets whose label-relevant pixels are known exactly: `shapes` and the canvas datasets.
 
-Each image is the sum of a label-relevant part and label-irrelevant clutter with disjoint supports, and the
-mask marks the region that holds the relevant part. Clutter never enters the masked region, so "the label
-is a function of the masked pixels only" holds by construction; that is what per-pixel budgets exploit.
+`shapes`: each image is the sum of a label-relevant shape and label-irrelevant clutter with disjoint
+supports, and the mask marks the shape's region.
+
+The canvases: several image slots that look alike (the labelled image and distractors of the same kind,
+the same noise floor), the labelled slot marked by a frame that no perturbation of half-width < 1/2 can
+forge or erase; the mask is the labelled slot. Relevance there is contextual: no function of a pixel's
+own intensity predicts it (see `make_canvas_dataset` for the argument).
 
 Everything is a deterministic function of the `seed` argument (anything `np.random.default_rng` accepts:
 an int or a sequence of ints; `load` passes `(seed, split_index)` so train and test get different streams).
@@ -11,7 +15,7 @@ Rendering is vectorised with broadcast box tests and fancy indexing instead of p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -100,11 +104,53 @@ def make_shapes(
 # ----------------------------------------------------------------------------------------------------------
 
 CANVAS_KINDS = ("mnist_canvas", "cifar_canvas")
-MNIST_CANVAS_GRID = 2  # the canvas is a grid x grid array of image-sized slots
-_NUM_DISTRACTORS = 4  # crops of other digits per mnist canvas
-_DISTRACTOR_INTENSITY = (0.3, 0.6)
-_CANVAS_NOISE_MAX = 0.1
-_CIFAR_OTHER_INTENSITY = 0.5  # the irrelevant half of a cifar canvas is another image, dimmed
+MNIST_CANVAS_GRID = 2  # the mnist canvas is a grid x grid array of image-sized slots
+CIFAR_CANVAS_SLOTS = (1, 2)  # the cifar canvas: two images side by side
+# The frame detector's threshold: its decision is robust to any box of half-width < this.
+MARKER_THRESHOLD = 0.5
+MIN_SLOT_SIZE = 5  # the 2-pixel marker band needs an interior, and the decoy at least one dash
+_MARKER_DASH = 4  # length of the decoy's dashes along each side
+_CANVAS_NOISE_MAX = {"mnist_canvas": 0.1, "cifar_canvas": 0.0}
+_CHUNK = 2048  # examples rendered at a time: peak memory stays near the output size
+
+
+def marker_patterns(height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The slot markers: boolean (band, frame, decoy) [height, width] masks of one slot.
+
+  band: the two outermost rings of the slot, where the markers are drawn (pixels exactly 0 or 1).
+  frame: the outer ring; drawn at 1 (the inner ring at 0) it marks the labelled slot.
+  decoy: a crenellated frame for the other slots: the frame with alternate dashes of `_MARKER_DASH`
+    pixels moved one pixel inwards, onto the inner ring. Each move takes a 1 off the outer ring and puts
+    it on the inner ring, so frame and decoy have the same number of ones and zeros in the band, and
+    the band's intensity histogram is the same in every slot; but the decoy leaves outer-ring pixels at
+    0, which is what the frame detector reads (see `make_canvas_dataset`).
+  """
+  if min(height, width) < MIN_SLOT_SIZE:
+    raise DataError(
+      f"canvas slots of {height}x{width} pixels are too small for the 2-pixel marker band; use base "
+      f"images of at least {MIN_SLOT_SIZE}x{MIN_SLOT_SIZE}"
+    )
+  y = np.arange(height)[:, None]
+  x = np.arange(width)[None, :]
+  ring = np.minimum(np.minimum(y, height - 1 - y), np.minimum(x, width - 1 - x))  # distance to edge
+  frame, band = ring == 0, ring <= 1
+  horizontal = (y == 0) | (y == height - 1)  # top and bottom sides; the corners count as these
+  along = np.where(horizontal, x, y)  # position along the side
+
+  def moved(t: np.ndarray, side: int) -> np.ndarray:
+    # Only positions 2 .. side-3 move: their inward neighbours are never an inner-ring corner, which
+    # two sides share (two moves onto one pixel would unbalance the counts).
+    return (t >= 2) & (t <= side - 3) & (((t - 2) // _MARKER_DASH) % 2 == 0)
+
+  outer_moved = frame & np.where(horizontal, moved(along, width), moved(along, height))
+  # Their inward neighbours on the inner ring: shift the moved set one pixel towards the centre.
+  inner_moved = np.zeros_like(frame)
+  inner_moved[1, :] |= outer_moved[0, :]
+  inner_moved[-2, :] |= outer_moved[-1, :]
+  inner_moved[:, 1] |= outer_moved[:, 0]
+  inner_moved[:, -2] |= outer_moved[:, -1]
+  decoy = (frame & ~outer_moved) | inner_moved
+  return band, frame, decoy
 
 
 def make_canvas_dataset(
@@ -115,22 +161,35 @@ def make_canvas_dataset(
   num_examples: int | None = None,
   grid: int = MNIST_CANVAS_GRID,
 ) -> Dataset:
-  """Places every image of `base` on a larger canvas whose remaining area holds label-irrelevant content.
+  """Places every image of `base` in a slot of a larger canvas whose other slots hold distractors.
 
-  kind="mnist_canvas": the canvas is a `grid` x `grid` array of HxW slots ((grid*H) x (grid*W) pixels) and
-    each image goes to a uniformly random slot. The rest of the canvas holds clutter: random (H/2)x(W/2)
-    crops of *other* examples of `base` at intensity 0.3-0.6, anywhere, and uniform noise <= 0.1. The
-    clutter is cleared from the chosen slot, so it holds exactly the labelled image and nothing else.
-    Every pixel is relevant in exactly 1/grid**2 of the layouts, so no fixed budget map (``global`` mode)
-    can predict relevance: its expected AUROC is exactly 0.5, and only a map that looks at the image can
-    do better. (A free position on a plain larger canvas would not do: the centre would be covered more
-    often than the border, which a fixed map can learn.)
-  kind="cifar_canvas": each HxW image goes to the left or right half (fair coin) of an H x 2W canvas; the
-    other half holds another random example of `base`, dimmed to half intensity: that is what marks it as
-    irrelevant (two equally bright images would leave the label ambiguous).
+  The canvas is an array of HxW slots: `grid` x `grid` for kind="mnist_canvas", 1 x 2 (side by side) for
+  kind="cifar_canvas" (`grid` applies to mnist_canvas only). Each image of `base` goes to a uniformly random slot; every other slot holds
+  another random example of `base` (index != i) at full intensity, so the slots look alike. What tells
+  the labelled slot apart is only a marker drawn in a 2-pixel band around every slot (`marker_patterns`):
+  a closed frame (outer ring 1, inner ring 0) around the labelled slot, and a crenellated decoy with the
+  same number of ones and zeros around every other slot. The band overwrites the slot's border pixels
+  (almost always empty on MNIST). mnist_canvas has a noise floor: every pixel outside the bands, in every slot alike,
+  becomes max(pixel, u) with u ~ U[0, 0.1); this removes the exact zeros of MNIST backgrounds, which
+  would otherwise be a per-pixel cue. cifar_canvas has none (natural images have no constant
+  background). The mask is the labelled slot (if `base` has masks, the base mask moved there).
 
-  The mask is the region where the labelled image sits (if `base` has masks, the base mask moved there).
-  Distractors are always other examples (index != i), never the labelled image itself.
+  Relevance is contextual: the labelled and the distractor slots hold the same kinds of content with
+  the same intensity statistics (the same distribution of images, the same noise floor, the same band
+  histogram), so no function of a pixel's own intensity predicts the mask (`metrics.intensity_rule_auroc`
+  is 0.5 in expectation); every pixel is relevant in exactly 1/(number of slots) of the layouts, so no
+  fixed map (``global`` mode) does either. Only a map that sees a slot's marker can.
+
+  The frame can be neither forged nor erased by any perturbation of per-pixel half-width < 1/2 (budgets
+  b * eps0 < 0.5), clipped to [0, 1] or not. Read a slot as marked iff every pixel of its outer ring is
+  > 1/2 (`MARKER_THRESHOLD`). The band holds no noise, so its pixels are exactly 0 or 1. On the labelled
+  slot every outer-ring pixel is 1 and stays >= 1 - delta > 1/2: the frame survives (not erased). On any
+  other slot the decoy leaves some outer-ring pixel at 0, which stays <= delta < 1/2: no frame appears
+  (not forged). So in every image of the threat set exactly one slot is marked, the same as in the clean
+  image, and "the class of the image in the marked slot" is a label function of the labelled slot's
+  pixels alone: changing the distractor slots, however much, cannot change it. (With noise v > 0 in the
+  band this would fail for delta >= 1/2 - v: that is why the band is noise-free.) A classifier can read
+  the marker with exactly this robustness (thresholds at 1/2 give stably-off ReLUs on the box).
 
   All random choices are drawn for every example of `base` before rendering, so example i is the same
   whatever `num_examples` is: `num_examples` renders only the first examples, it does not change them.
@@ -146,14 +205,21 @@ def make_canvas_dataset(
   m = n if num_examples is None else num_examples
   if not 0 <= m <= n:
     raise DataError(f"{kind}: num_examples={num_examples} but the base dataset has {n} examples")
+  if kind == "mnist_canvas" and grid < 2:
+    raise DataError(f"mnist_canvas: grid={grid}, but a canvas needs at least 2x2 slots (grid >= 2)")
+  slot_rows, slot_cols = (grid, grid) if kind == "mnist_canvas" else CIFAR_CANVAS_SLOTS
   base_masks = (
     base.masks if base.masks is not None else np.ones(base.images.shape[:3] + (1,), np.float32)
   )
-  rng = np.random.default_rng(seed)
-  if kind == "mnist_canvas":
-    images, masks = _paste_canvas(base.images, base_masks, rng, m, grid)
-  else:
-    images, masks = _side_by_side_canvas(base.images, base_masks, rng, m)
+  images, masks = _framed_canvas(
+    base.images,
+    base_masks,
+    np.random.default_rng(seed),
+    m,
+    slot_rows,
+    slot_cols,
+    _CANVAS_NOISE_MAX[kind],
+  )
   return Dataset(
     images=images,
     labels=base.labels[:m].copy(),
@@ -168,61 +234,54 @@ def _other_indices(rng: np.random.Generator, n: int, size: tuple[int, ...]) -> n
   return (np.arange(n) + rng.integers(1, n, size=size)) % n
 
 
-def _paste_canvas(
-  images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, m: int, grid: int
+def _framed_canvas(
+  images: np.ndarray,
+  masks: np.ndarray,
+  rng: np.random.Generator,
+  m: int,
+  slot_rows: int,
+  slot_cols: int,
+  noise_max: float,
 ) -> tuple[np.ndarray, np.ndarray]:
   n, h, w, c = images.shape
-  if grid < 2:
-    raise DataError(f"mnist_canvas: grid={grid}, but a canvas needs at least 2x2 slots (grid >= 2)")
-  canvas_h, canvas_w = grid * h, grid * w
-  crop_h, crop_w = max(1, h // 2), max(1, w // 2)
-  k = _NUM_DISTRACTORS
+  band, frame, decoy = marker_patterns(h, w)
+  num_slots = slot_rows * slot_cols
   # Draw everything for all n examples first (see make_canvas_dataset), then use the first m.
-  slots = rng.integers(0, grid * grid, size=n)[:m]
-  rows, cols = (slots // grid) * h, (slots % grid) * w
-  sources = _other_indices(rng, n, (k, n))[:, :m]
-  # Crops come from the central part of the source, where strokes are, rather than the empty border.
-  src_rows = rng.integers(h // 8, h - crop_h - h // 8 + 1, size=(k, n))[:, :m]
-  src_cols = rng.integers(w // 8, w - crop_w - w // 8 + 1, size=(k, n))[:, :m]
-  dst_rows = rng.integers(0, canvas_h - crop_h + 1, size=(k, n))[:, :m]
-  dst_cols = rng.integers(0, canvas_w - crop_w + 1, size=(k, n))[:, :m]
-  strength = rng.uniform(*_DISTRACTOR_INTENSITY, size=(k, n)).astype(np.float32)[:, :m]
-  # Uniform draws consume the stream one value at a time in C order, so a fresh generator's first m
-  # canvases of noise are the same whatever m is; this avoids drawing noise for unrendered examples.
+  labelled_slot = rng.integers(0, num_slots, size=n)[:m]
+  distractors = _other_indices(rng, n, (num_slots - 1, n))[:, :m]
+  # sources[i, s]: the base example shown in slot s of canvas i; distractors fill the other slots in order.
+  sources = np.empty((m, num_slots), np.int64)
+  is_labelled = labelled_slot[:, None] == np.arange(num_slots)
+  sources[is_labelled] = np.arange(m)
+  sources[~is_labelled] = distractors.T.reshape(-1)
+  # Uniform draws consume the stream one value at a time in C order, so drawing the noise chunk by chunk
+  # from a fresh generator gives the first m canvases the same noise whatever m is.
   noise_rng = np.random.default_rng(rng.integers(0, 2**63))
-  canvas = noise_rng.random((m, canvas_h, canvas_w, c), dtype=np.float32)
-  canvas *= np.float32(_CANVAS_NOISE_MAX)
 
-  for j in range(k):
-    crops = _crop(images, sources[j], src_rows[j], src_cols[j], crop_h, crop_w)
-    _paste(
-      canvas, crops * strength[j, :, None, None, None], dst_rows[j], dst_cols[j], combine=np.maximum
-    )
-  # Pasting overwrites the whole HxW square, which removes any clutter that fell on it.
-  _paste(canvas, images[:m], rows, cols)
-  canvas_masks = np.zeros((m, canvas_h, canvas_w, 1), np.float32)
-  _paste(canvas_masks, masks[:m], rows, cols)
-  return canvas, canvas_masks
+  band_values = np.stack([frame, decoy])[:, band].astype(np.float32)  # [2, band pixels]
+  # [m, rows, H, cols, W, C] is the canvas [m, rows*H, cols*W, C] with the slot axes split out.
+  canvas = np.empty((m, slot_rows, h, slot_cols, w, c), np.float32)
+  canvas_masks = np.empty((m, slot_rows, h, slot_cols, w, 1), np.float32)
+  for start in range(0, m, _CHUNK):
+    chunk = slice(start, min(start + _CHUNK, m))
+    # Views: writing to them writes the canvas.
+    part, part_masks = canvas[chunk], canvas_masks[chunk]
+    for s in range(num_slots):
+      row, col = divmod(s, slot_cols)
+      part[:, row, :, col] = images[sources[chunk, s]]
+      labelled_here = is_labelled[chunk, s, None, None, None]
+      part_masks[:, row, :, col] = masks[chunk] * labelled_here
+    if noise_max > 0:
+      noise = noise_rng.random(part.shape, dtype=np.float32)
+      noise *= np.float32(noise_max)
+      np.maximum(part, noise, out=part)
+    for s in range(num_slots):
+      slot = part[:, s // slot_cols, :, s % slot_cols]
+      marker = band_values[np.where(is_labelled[chunk, s], 0, 1)]  # [chunk, band pixels]
+      slot[:, band] = marker[..., None]
 
-
-def _side_by_side_canvas(
-  images: np.ndarray, masks: np.ndarray, rng: np.random.Generator, m: int
-) -> tuple[np.ndarray, np.ndarray]:
-  n, h, w, c = images.shape
-  on_left = rng.integers(0, 2, size=n).astype(bool)[:m]
-  others = _other_indices(rng, n, (n,))[:m]
-  own = np.arange(m)
-  # Filling preallocated halves by index keeps the peak memory near the output size (CIFAR train is large).
-  canvas = np.empty((m, h, 2 * w, c), np.float32)
-  canvas[:, :, :w] = images[np.where(on_left, own, others)]
-  canvas[:, :, w:] = images[np.where(on_left, others, own)]
-  canvas[~on_left, :, :w] *= np.float32(_CIFAR_OTHER_INTENSITY)
-  canvas[on_left, :, w:] *= np.float32(_CIFAR_OTHER_INTENSITY)
-  canvas_masks = np.zeros((m, h, 2 * w, 1), np.float32)
-  side = on_left[:, None, None, None]
-  canvas_masks[:, :, :w] = np.where(side, masks[:m], 0.0)
-  canvas_masks[:, :, w:] = np.where(side, 0.0, masks[:m])
-  return canvas, canvas_masks
+  shape = (m, slot_rows * h, slot_cols * w)
+  return canvas.reshape(shape + (c,)), canvas_masks.reshape(shape + (1,))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,17 +300,10 @@ def _box(
   return inside.astype(np.float32)
 
 
-def _paste(
-  canvas: np.ndarray,
-  patches: np.ndarray,
-  top: np.ndarray,
-  left: np.ndarray,
-  combine: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-) -> None:
+def _paste(canvas: np.ndarray, patches: np.ndarray, top: np.ndarray, left: np.ndarray) -> None:
   """In place: canvas[i, top[i]:top[i]+h, left[i]:left[i]+w] = patches[i] for every i (boxes must fit).
 
-  With `combine` (e.g. np.maximum) the region becomes combine(region, patches) instead. Only the pasted
-  regions are gathered and scattered, never whole canvases.
+  Only the pasted regions are scattered, never whole canvases.
   """
   n, h, w = patches.shape[:3]
   index = (
@@ -259,14 +311,4 @@ def _paste(
     top[:, None, None] + np.arange(h)[None, :, None],
     left[:, None, None] + np.arange(w),
   )
-  canvas[index] = patches if combine is None else combine(canvas[index], patches)
-
-
-def _crop(
-  images: np.ndarray, index: np.ndarray, top: np.ndarray, left: np.ndarray, h: int, w: int
-) -> np.ndarray:
-  """images[index[i], top[i]:top[i]+h, left[i]:left[i]+w] stacked over i."""
-  i = index[:, None, None]
-  return images[
-    i, top[:, None, None] + np.arange(h)[None, :, None], left[:, None, None] + np.arange(w)
-  ]
+  canvas[index] = patches

@@ -1,4 +1,5 @@
-"""The in-memory dataset container, the data error type and the validation every loader ends with."""
+"""The in-memory dataset container, the facts about each dataset, the data error type and the validation
+every loader ends with."""
 
 from __future__ import annotations
 
@@ -13,6 +14,29 @@ class DataError(ValueError):
   Messages are one line: the file (or argument) concerned, what is wrong, and how to fix it. It subclasses
   ValueError so callers that already handle bad values keep working.
   """
+
+
+class DatasetInfo(NamedTuple):
+  """What is known about a dataset before loading it (the table is `cbudget.data.INFO`).
+
+  Attributes:
+      name: the dataset name.
+      num_classes: number of classes.
+      shape: one image's shape (H, W, C).
+      mean, std: per-channel normalisation constants in pixel space [0, 1], applied inside the
+          classifier (boxes stay in pixel space); (0,) and (1,) for none.
+      base: the raw dataset read from files (itself for mnist, fashion_mnist, cifar10; mnist or cifar10
+          for a canvas), or None for data generated from the seed alone.
+      has_mask: whether examples carry masks of the label-relevant pixels.
+  """
+
+  name: str
+  num_classes: int
+  shape: tuple[int, int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  base: str | None
+  has_mask: bool
 
 
 class Dataset(NamedTuple):

@@ -49,29 +49,6 @@ import jax.numpy as jnp
 
 Array = Any
 
-# Per-channel normalisation constants (mean, std) in pixel space [0, 1].
-DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-  "mnist": ((0.1307,), (0.3081,)),
-  "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-}
-
-_IDENTITY_STATS: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,))
-
-
-def get_dataset_stats(
-  dataset: str | None,
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Returns ``(mean, std)`` tuples for ``dataset`` (case-insensitive).
-
-  Unknown or ``None`` datasets get the identity normalisation
-  ``((0.,), (1.,))`` so that callers never have to special-case them.
-  Dashes/underscores are ignored, so ``"cifar-10"`` == ``"cifar10"``.
-  """
-  if dataset is None:
-    return _IDENTITY_STATS
-  key = dataset.lower().replace("-", "").replace("_", "")
-  return DATASET_STATS.get(key, _IDENTITY_STATS)
-
 
 def _normalize(x: Array, mean: Sequence[float], std: Sequence[float]) -> Array:
   """``(x - mean) / std`` with per-channel constants broadcast on the last axis."""
@@ -279,7 +256,7 @@ def get_classifier(
     name: one of :data:`CLASSIFIERS`.
     num_classes: number of output logits.
     mean, std: per-channel normalisation constants applied inside the model
-      (e.g. from :func:`get_dataset_stats`); length 1 broadcasts.
+      (e.g. ``cbudget.data.info(name).mean``); length 1 broadcasts.
     **kwargs: extra module attributes, e.g. ``hidden=(512,)`` for ``mlp`` or
       ``padding="SAME"`` for the ``dm_*`` models.
 

@@ -1,4 +1,8 @@
-"""Budget generators: images ``[N, H, W, C]`` in [0, 1] -> raw log-budget maps.
+"""Budget models: images ``[N, H, W, C]`` in [0, 1] -> raw log-budget maps.
+
+Contextual generators (``small``, ``unet``, ``coarse``) give each image its own map;
+:class:`GlobalBudget` learns one map shared by all images. :func:`budget_model` picks the model of a
+budget mode (``None`` for uniform budgets, which have no model).
 
 A generator outputs the *shape* of the budget as raw log-budgets, ``[N, H, W, 1]``
 (``per_pixel=True``: one budget per pixel, shared across channels) or
@@ -22,7 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["SmallGenerator", "UNetGenerator", "CoarseGenerator", "GENERATORS", "get_generator"]
+__all__ = [
+  "SmallGenerator",
+  "UNetGenerator",
+  "CoarseGenerator",
+  "GlobalBudget",
+  "GENERATORS",
+  "get_generator",
+  "budget_model",
+]
 
 
 def _head_init(scale: float):
@@ -64,12 +76,22 @@ def _normalize(
   return x
 
 
-def _check_images(x: jax.Array) -> None:
-  if x.ndim != 4:
-    raise ValueError(f"generators expect images [N, H, W, C], got shape {x.shape}")
+class _Generator(nn.Module):
+  """What every generator has: the output layout, the head's init scale, the input normalisation."""
+
+  per_pixel: bool = True
+  head_init_scale: float = 1e-2
+  input_mean: tuple[float, ...] | None = None
+  input_std: tuple[float, ...] | None = None
+
+  def _prepare(self, x: jax.Array) -> tuple[jax.Array, int]:
+    """The normalised images and the number of output channels (1 per pixel, else C)."""
+    if x.ndim != 4:
+      raise ValueError(f"generators expect images [N, H, W, C], got shape {x.shape}")
+    return _normalize(x, self.input_mean, self.input_std), 1 if self.per_pixel else x.shape[-1]
 
 
-class SmallGenerator(nn.Module):
+class SmallGenerator(_Generator):
   """MNIST-scale generator: 3x3 SAME convs with ReLU, then a 1x1 conv head.
 
   Attributes:
@@ -79,21 +101,15 @@ class SmallGenerator(nn.Module):
     input_mean, input_std: optional per-channel normalisation of the [0, 1] input.
   """
 
-  per_pixel: bool = True
   features: tuple[int, ...] = (16, 32, 32)
-  head_init_scale: float = 1e-2
-  input_mean: tuple[float, ...] | None = None
-  input_std: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_images(x)
-    out_ch = 1 if self.per_pixel else x.shape[-1]
-    h = _normalize(x, self.input_mean, self.input_std)
+    h, out_ch = self._prepare(x)
     return _conv_stack(h, self.features, out_ch, self.head_init_scale)
 
 
-class UNetGenerator(nn.Module):
+class UNetGenerator(_Generator):
   """CIFAR-scale encoder-decoder: one downsample, one upsample, one skip.
 
   ``enc``: two 3x3 convs at full resolution (the skip); ``mid``: a stride-2 3x3
@@ -107,18 +123,12 @@ class UNetGenerator(nn.Module):
     head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
   """
 
-  per_pixel: bool = True
   width: int = 32
-  head_init_scale: float = 1e-2
-  input_mean: tuple[float, ...] | None = None
-  input_std: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_images(x)
-    out_ch = 1 if self.per_pixel else x.shape[-1]
+    h, out_ch = self._prepare(x)
     w = self.width
-    h = _normalize(x, self.input_mean, self.input_std)
     h = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc0")(h))
     skip = nn.relu(nn.Conv(w, (3, 3), padding="SAME", name="enc1")(h))
     h = nn.relu(nn.Conv(2 * w, (3, 3), strides=(2, 2), padding="SAME", name="down")(skip))
@@ -130,7 +140,7 @@ class UNetGenerator(nn.Module):
     return _head(out_ch, self.head_init_scale)(h)
 
 
-class CoarseGenerator(nn.Module):
+class CoarseGenerator(_Generator):
   """A cheap generator for budgets that vary on a coarser grid than the pixels.
 
   Average-pools the image by ``factor``, runs 3x3 SAME convs with ReLU and the small-initialised
@@ -146,18 +156,12 @@ class CoarseGenerator(nn.Module):
     head_init_scale, input_mean, input_std: as in :class:`SmallGenerator`.
   """
 
-  per_pixel: bool = True
   factor: int = 2
   features: tuple[int, ...] = (16, 16)
-  head_init_scale: float = 1e-2
-  input_mean: tuple[float, ...] | None = None
-  input_std: tuple[float, ...] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    _check_images(x)
-    out_ch = 1 if self.per_pixel else x.shape[-1]
-    h = _normalize(x, self.input_mean, self.input_std)
+    h, out_ch = self._prepare(x)
     k = (self.factor, self.factor)
     h = nn.avg_pool(h, k, strides=k, padding="SAME")
     h = _conv_stack(h, self.features, out_ch, self.head_init_scale)
@@ -180,3 +184,31 @@ def get_generator(name: str, per_pixel: bool = True, **kwargs) -> nn.Module:
       f"unknown generator {name!r}; valid names: {', '.join(sorted(GENERATORS))}"
     ) from None
   return cls(per_pixel=per_pixel, **kwargs)
+
+
+class GlobalBudget(nn.Module):
+  """One learned raw log-budget map shared by all inputs (non-contextual ablation).
+
+  The parameter ``raw_log_budgets`` has the input's shape without the batch
+  axis (last axis 1 when ``per_pixel``), is initialised to zeros (uniform
+  budgets after projection) and is broadcast over the batch.
+  """
+
+  per_pixel: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = tuple(x.shape[1:-1]) + (1,) if self.per_pixel else tuple(x.shape[1:])
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    raw = self.param("raw_log_budgets", nn.initializers.zeros_init(), shape, dtype)
+    return jnp.broadcast_to(raw, (x.shape[0],) + shape)
+
+
+def budget_model(mode: str, generator: str = "coarse", per_pixel: bool = True) -> nn.Module | None:
+  """The model of budget ``mode``: ``None`` (uniform), :class:`GlobalBudget` (global) or the
+  generator called ``generator`` (contextual)."""
+  if mode == "uniform":
+    return None
+  if mode == "global":
+    return GlobalBudget(per_pixel=per_pixel)
+  return get_generator(generator, per_pixel=per_pixel)

@@ -36,47 +36,48 @@ from cbudget.bounds._src.api import (
   DEFAULT_REGISTRY,
   _check_inputs,
   _identity_rows,
+  _nan_where_invalid,
   _output_box,
   _spec_rows,
 )
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.graph import build_graph
-from cbudget.bounds._src.propagate import Propagator
+from cbudget.bounds._src.propagate import Propagator, _ibp_node, _intersect
 from cbudget.bounds._src.registry import Registry
 from cbudget.bounds._src.relaxations import SLOPE_CHOICES
 
 
-def _intersect(a: Box, b: Box) -> Box:
-  return Box(jnp.maximum(a.lower, b.lower), jnp.minimum(a.upper, b.upper))
-
-
-def _crown_forward(prop: Propagator, chunk_of, alphas=None, floor=None) -> dict:
-  """The forward pass of full CROWN: every bounded input of a non-affine node (but x) gets CROWN
-  bounds, intersected with its IBP bounds (and with ``floor[i]`` when given), before the node.
+def _crown_forward(prop: Propagator, chunk, sparse, alphas=None, floor=None, needed=None) -> dict:
+  """The forward pass of full CROWN (``Propagator.forward``), with parameters: every bounded input
+  of a non-affine node (but x) gets CROWN bounds, intersected with its IBP bounds (and with
+  ``floor[i]`` when given), before the node.
 
   ``alphas[i]`` are the parameters for value ``i``'s rows; with a ``floor``, values without
-  parameters keep their floor (recomputing them would give the same bounds). Returns the refined
-  bounds and the chunk size each used, ``{i: (Box, chunk)}``.
+  parameters keep their floor (recomputing them would give the same bounds). ``needed[i]`` fixes
+  the elements bounded (the sparse rows), so that row ``p`` means the same element in every pass;
+  without it they are the inexact ones, as in full CROWN. Returns ``{i: (Box, needed_i)}``.
   """
   graph = prop.graph
   refined = {}
-
-  def refine(index, node):
-    if node.rule.kind == "affine":
-      return
-    for i in node.inputs:
-      if i in graph.bounded and i != prop.input_id and i not in refined:
-        chunk = chunk_of(prop)
-        bounds = prop.env[i]
-        if floor is None or (alphas is not None and i in alphas):
-          tight = prop.crown_bounds_of(i, chunk, alphas=None if alphas is None else alphas[i])
-          bounds = _intersect(bounds, tight)
-        if floor is not None:
-          bounds = _intersect(bounds, floor[i])
-        prop.env[i] = bounds
-        refined[i] = (bounds, chunk)
-
-  prop.forward(refine)
+  for node in graph.nodes:
+    if node.bounded and getattr(node.rule, "kind", "") != "affine":
+      for i in node.inputs:
+        if i in graph.bounded and i != prop.input_id and i not in refined:
+          if needed is not None:
+            need = needed[i]
+          else:
+            need = prop._inexact_elements(i) if sparse else None
+          bounds = prop.env[i]
+          if floor is None or (alphas is not None and i in alphas):
+            rows_alphas = None if alphas is None else alphas.get(i)
+            bounds = _intersect(bounds, prop.crown_bounds_of(i, chunk, need, rows_alphas))
+          if floor is not None:
+            bounds = _intersect(bounds, floor[i])
+          prop.env[i] = bounds
+          refined[i] = (bounds, need)
+    args = [prop.env[i] for i in node.inputs]
+    outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
+    prop.env.update(zip(node.outputs, outs))
   return refined
 
 
@@ -115,6 +116,7 @@ def alpha_crown(
   chunk_size: int | None = None,
   memory_limit: int | None = None,
   need_upper: bool = True,
+  sparse: bool = True,
   registry: Registry | None = None,
 ):
   """α-CROWN bounds: ``alpha_crown(fn)(params, box, spec=None) -> Box``, like :func:`crown`.
@@ -131,6 +133,8 @@ def alpha_crown(
     backward pass carries; the parameters of each chunk of rows go with it. The output rows (the
     spec, or every output) are done in one pass.
   * ``need_upper=False``: lower bounds only (upper bounds +inf), half the work.
+  * ``sparse``: as for full CROWN, intermediate rows only for the elements CROWN's bounds leave
+    inexact (unstable neurons); the set is fixed by the first pass (CROWN's) for all iterations.
 
   The result is sound and, for every example and row, at least as tight as full CROWN's
   (``crown(fn, "crown", relu_lower_slope=...)``).
@@ -150,7 +154,7 @@ def alpha_crown(
   registry = DEFAULT_REGISTRY if registry is None else registry
   options = {"relu_lower_slope": relu_lower_slope}
 
-  def chunk_of(prop):
+  def chunk_of(prop):  # as full CROWN: fixed before the forward pass
     if memory_limit is None:
       return chunk_size
     return max(1, memory_limit // (8 * prop.largest_value_bytes()))
@@ -163,7 +167,8 @@ def alpha_crown(
 
     # Pass 0: full CROWN, which also fixes the starting parameters.
     prop0 = Propagator(graph, leaves, box, options)
-    first = _crown_forward(prop0, chunk_of)
+    chunk = chunk_of(prop0)
+    first = _crown_forward(prop0, chunk, sparse)
     out = _output_box(prop0, out_id)
     if spec is None:
       rows = _identity_rows(out.shape, out.dtype)
@@ -177,7 +182,7 @@ def alpha_crown(
     node_alphas = _initial_alphas(prop0)
     interm_alphas = {}
     if optimize_intermediate:
-      for i, (_, chunk) in first.items():
+      for i in first:
         c, num_chunks = prop0.row_chunks(i, chunk)
         found = _rows_alphas(prop0, i, node_alphas, c * num_chunks)
         if found:
@@ -185,7 +190,7 @@ def alpha_crown(
     out_alphas = _rows_alphas(prop0, out_id, node_alphas, rows.shape[0])
     alphas = (interm_alphas, out_alphas)
     if iterations > 0 and jax.tree.leaves(alphas):
-      setup = (graph, leaves, box, options, prop0, first, rows, chunk_of)
+      setup = (graph, leaves, box, options, prop0, first, rows, chunk)
       best = _optimise(setup, alphas, best, optimizer, iterations)
     if need_upper:
       lower, upper = best[:num_rows].T, -best[num_rows:].T
@@ -193,15 +198,16 @@ def alpha_crown(
       lower = best.T
       upper = jnp.full_like(lower, jnp.inf)
     if spec is None:
-      return Box(lower.reshape(out.shape), upper.reshape(out.shape))
-    return Box(lower, upper)
+      return _nan_where_invalid(box, Box(lower.reshape(out.shape), upper.reshape(out.shape)))
+    return _nan_where_invalid(box, Box(lower, upper))
 
   return bound
 
 
 def _optimise(setup, alphas, best, optimizer, iterations):
   """Projected gradient ascent on the parameters; the best bound per row and example."""
-  graph, leaves, box, options, prop0, first, rows, chunk_of = setup
+  graph, leaves, box, options, prop0, first, rows, chunk = setup
+  needed = {i: need for i, (_, need) in first.items()}
   out_id = graph.outputs[0]
   ranges = {k: graph.nodes[k].rule.alpha_range for k in _node_indices(alphas)}
 
@@ -214,7 +220,7 @@ def _optimise(setup, alphas, best, optimizer, iterations):
     interm_alphas, out_alphas = tree
     prop = Propagator(graph, leaves, box, options)
     if interm_alphas:
-      refined = _crown_forward(prop, chunk_of, interm_alphas, floor)
+      refined = _crown_forward(prop, chunk, False, interm_alphas, floor, needed)
       floor = {i: b for i, (b, _) in refined.items()}
     else:  # the intermediate bounds are pass 0's: reuse its values and linearisations
       prop.env = dict(prop0.env)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cbudget.bounds._src import builtin_rules
 from cbudget.bounds._src.box import Box, as_box
@@ -23,17 +24,26 @@ DEFAULT_REGISTRY = builtin_rules.register_builtins(Registry())
 INTERMEDIATE_METHODS = ("ibp", "crown")
 
 
+def _is_concrete(*arrays) -> bool:
+  return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
 def _check_inputs(box, spec):
+  """Shapes always; values when the box is concrete (NumPy, so that it also works for a concrete box
+  closed over by a jitted function, where ``jnp`` operations would be traced)."""
   box = as_box(box)
-  if not isinstance(box.lower, jax.core.Tracer) and not isinstance(box.upper, jax.core.Tracer):
-    if not (bool(jnp.all(jnp.isfinite(box.lower))) and bool(jnp.all(jnp.isfinite(box.upper)))):
-      raise ValueError(
-        "the box has non-finite bounds; bounds over infinite boxes are not supported"
-      )
-    if bool(jnp.any(box.lower > box.upper)):
-      raise ValueError("the box is empty somewhere (lower > upper)")
   if box.lower.ndim < 1:
     raise ValueError("the box must have a leading batch axis: shape [N, ...]")
+  if _is_concrete(box.lower, box.upper):
+    lower, upper = np.asarray(box.lower), np.asarray(box.upper)
+    if not (np.all(np.isfinite(lower)) and np.all(np.isfinite(upper))):
+      raise ValueError(
+        "the box has non-finite bounds (inf or NaN); bounds over infinite boxes are not supported: "
+        "clip the box to the data domain, e.g. Box.from_budget(x, eps)"
+      )
+    if np.any(lower > upper):
+      where = np.argwhere(lower > upper)[0].tolist()
+      raise ValueError(f"the box is empty at index {where} (lower > upper); check the budgets")
   n = box.lower.shape[0]
   if spec is not None:
     spec = jnp.asarray(spec)
@@ -43,16 +53,36 @@ def _check_inputs(box, spec):
   return box, spec
 
 
-def _run(fn, params, box, registry, body):
-  """Trace ``fn`` on the batch and run ``body(propagator, graph, output_id)``.
+def _nan_where_invalid(box: Box, result):
+  """Under ``jax.jit`` the box's values cannot be checked: every bound of an example whose box is
+  empty (lower > upper) or not finite is NaN instead, so that nothing is certified from it
+  (``lower > 0`` is false for NaN). Examples with valid boxes are unaffected."""
+  if _is_concrete(box.lower, box.upper):
+    return result
+  axes = tuple(range(1, box.lower.ndim))
+  valid = jnp.all(
+    jnp.isfinite(box.lower) & jnp.isfinite(box.upper) & (box.lower <= box.upper), axis=axes
+  )
 
-  Coefficients carry the batch as their second axis (``[rows, N, ...]``) and are never summed over
-  it, so examples stay separate; weights are shared, so their gradients are ordinary batched
-  gradients (a per-example ``vmap`` here would make JAX build per-example weight gradients).
+  def mask(bound):
+    ok = valid.reshape((-1,) + (1,) * (jnp.ndim(bound) - 1))
+    return jnp.where(ok, bound, jnp.nan)
+
+  return jax.tree.map(mask, result)
+
+
+def _run(fn, params, box, spec, registry, options, body):
+  """Check the inputs, trace ``fn`` on the batch and return ``body(propagator, spec, output_id)``.
+
+  Coefficients carry the batch as an axis (``[rows, N, ...]``) and are never summed over it, so
+  examples stay separate (the graph tracks which axis holds them); weights are shared, so their
+  gradients are ordinary batched gradients (a per-example ``vmap`` here would make JAX build
+  per-example weight gradients).
   """
+  box, spec = _check_inputs(box, spec)
   graph, leaves = build_graph(fn, params, jax.ShapeDtypeStruct(box.shape, box.dtype), registry)
-  prop = Propagator(graph, leaves, box, {})
-  return body(prop, graph, graph.outputs[0])
+  prop = Propagator(graph, leaves, box, options)
+  return _nan_where_invalid(box, body(prop, spec, graph.outputs[0]))
 
 
 def _output_box(prop, out_id) -> Box:
@@ -101,19 +131,17 @@ def ibp(fn: Callable, *, registry: Registry | None = None):
   """
   registry = DEFAULT_REGISTRY if registry is None else registry
 
+  def body(prop, spec, out_id):
+    prop.forward()
+    out = _output_box(prop, out_id)
+    if spec is None:
+      return out
+    rows = _spec_rows(spec, out.shape, out.dtype)
+    return Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=True))
+
   @functools.wraps(fn)
   def bound(params, box, spec=None) -> Box:
-    box, spec = _check_inputs(box, spec)
-
-    def body(prop, graph, out_id):
-      prop.forward()
-      out = _output_box(prop, out_id)
-      if spec is None:
-        return out
-      rows = _spec_rows(spec, out.shape, out.dtype)
-      return Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=True))
-
-    return _run(fn, params, box, registry, body)
+    return _run(fn, params, box, spec, registry, {}, body)
 
   return bound
 
@@ -126,6 +154,7 @@ def crown(
   chunk_size: int | None = None,
   memory_limit: int | None = None,
   need_upper: bool = True,
+  sparse: bool = True,
   registry: Registry | None = None,
 ):
   """Linear relaxation propagated backward from the output (CROWN).
@@ -140,6 +169,10 @@ def crown(
     CNN-7 is in ``bench/README.md``); ``None`` runs all rows of a layer at once. ``memory_limit``
     (bytes) picks ``chunk_size`` instead, as ``memory_limit / (8 x largest per-example value)``; the
     factor 8 covers the values a pass keeps alive (XLA planned 4.6 for CNN-7).
+  * ``sparse`` (full CROWN): intermediate backward passes only for the elements whose relaxation
+    the cheaper bounds leave inexact (unstable ReLUs); stable ones keep their bounds, which is
+    exact for them. The chunks (see ``chunk_size``) past the needed rows are skipped, so the cost
+    follows the number of unstable neurons. ``False`` bounds every element (dense).
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.
@@ -161,46 +194,32 @@ def crown(
   registry = DEFAULT_REGISTRY if registry is None else registry
   options = {"relu_lower_slope": relu_lower_slope}
 
+  def body(prop, spec, out_id):
+    if intermediate == "crown":
+      chunk = chunk_size
+      if memory_limit is not None:
+        chunk = max(1, memory_limit // (8 * prop.largest_value_bytes()))
+      prop.forward(crown_chunk_size=chunk, sparse=sparse)
+    else:
+      prop.forward()
+    return _crown_bounds(prop, spec, out_id, need_upper)
+
   @functools.wraps(fn)
   def bound(params, box, spec=None) -> Box:
-    box, spec = _check_inputs(box, spec)
-
-    def body(prop, graph, out_id):
-      prop.options = options
-      if intermediate == "crown":
-        refined = set()
-
-        def refine(index, node):
-          if node.rule.kind == "affine":
-            return
-          for i in node.inputs:
-            if i in graph.bounded and i != prop.input_id and i not in refined:
-              refined.add(i)
-              chunk = (
-                chunk_size
-                if memory_limit is None
-                else max(1, memory_limit // (8 * prop.largest_value_bytes()))
-              )
-              tight = prop.crown_bounds_of(i, chunk)
-              old = prop.env[i]
-              prop.env[i] = Box(
-                jnp.maximum(old.lower, tight.lower), jnp.minimum(old.upper, tight.upper)
-              )
-
-        prop.forward(refine)
-      else:
-        prop.forward()
-      out = _output_box(prop, out_id)
-      if spec is None:
-        rows = _identity_rows(out.shape, out.dtype)
-        lower, upper = _bounds_from_rows(prop, out_id, rows, True, need_upper)
-        return Box(lower.reshape(out.shape), upper.reshape(out.shape))
-      rows = _spec_rows(spec, out.shape, out.dtype)
-      return Box(*_bounds_from_rows(prop, out_id, rows, True, need_upper))
-
-    return _run(fn, params, box, registry, body)
+    return _run(fn, params, box, spec, registry, options, body)
 
   return bound
+
+
+def _crown_bounds(prop, spec, out_id, need_upper) -> Box:
+  """CROWN bounds of the spec rows (or of every output) after the forward pass."""
+  out = _output_box(prop, out_id)
+  if spec is None:
+    rows = _identity_rows(out.shape, out.dtype)
+    lower, upper = _bounds_from_rows(prop, out_id, rows, True, need_upper)
+    return Box(lower.reshape(out.shape), upper.reshape(out.shape))
+  rows = _spec_rows(spec, out.shape, out.dtype)
+  return Box(*_bounds_from_rows(prop, out_id, rows, True, need_upper))
 
 
 class CrownIbpBounds(NamedTuple):
@@ -228,22 +247,18 @@ def crown_ibp(
   registry = DEFAULT_REGISTRY if registry is None else registry
   options = {"relu_lower_slope": relu_lower_slope}
 
+  def body(prop, spec, out_id):
+    prop.forward()
+    crown_bounds = _crown_bounds(prop, spec, out_id, need_upper)
+    if spec is None:
+      return CrownIbpBounds(_output_box(prop, out_id), crown_bounds)
+    out = _output_box(prop, out_id)
+    rows = _spec_rows(spec, out.shape, out.dtype)
+    folded = Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=need_upper))
+    return CrownIbpBounds(folded, crown_bounds)
+
   @functools.wraps(fn)
   def bound(params, box, spec=None) -> CrownIbpBounds:
-    box, spec = _check_inputs(box, spec)
-
-    def body(prop, graph, out_id):
-      prop.options = options
-      prop.forward()
-      out = _output_box(prop, out_id)
-      if spec is None:
-        rows = _identity_rows(out.shape, out.dtype)
-        lower, upper = _bounds_from_rows(prop, out_id, rows, True, need_upper)
-        return CrownIbpBounds(out, Box(lower.reshape(out.shape), upper.reshape(out.shape)))
-      rows = _spec_rows(spec, out.shape, out.dtype)
-      folded = Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=need_upper))
-      return CrownIbpBounds(folded, Box(*_bounds_from_rows(prop, out_id, rows, True, need_upper)))
-
-    return _run(fn, params, box, registry, body)
+    return _run(fn, params, box, spec, registry, options, body)
 
   return bound

@@ -33,7 +33,7 @@ class Box(NamedTuple):
 
   @property
   def radius(self) -> jax.Array:
-    return (self.upper - self.lower) / 2
+    return self.upper / 2 - self.lower / 2  # (u - l) / 2 could overflow
 
   @classmethod
   def from_budget(cls, x, eps, domain=(0.0, 1.0)) -> Box:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import primitives as P
 
 from cbudget.bounds._src import conv_transpose, relaxations
@@ -75,6 +76,40 @@ class SignedRule:
     return Affine(bounded_positions(args)) if self.affine else None
 
 
+def _put(args, i, value):
+  full = list(args)
+  full[i] = value
+  return full
+
+
+def _centre_radius(box: Box):
+  """Centre and radius of a box, with overflow kept out of them.
+
+  Finite ends: ``l/2 + u/2`` and ``u/2 - l/2`` (neither overflows). An infinite end makes the
+  radius infinite and the centre 0, so the map's range is ``+-inf`` wherever a non-zero weight
+  reaches it (sound, if loose) and never ``inf - inf``; the caller turns the NaN of a zero weight
+  times that infinite radius into ``inf``. A NaN end stays NaN in the centre, so its outputs are NaN.
+  """
+  infinite = jnp.isinf(box.lower) | jnp.isinf(box.upper)
+  centre = jnp.where(infinite, 0, box.center).astype(box.dtype)
+  radius = jnp.where(infinite, jnp.inf, box.radius).astype(box.dtype)
+  return centre, radius
+
+
+def _scaled_ends(box: Box, scale, weight):
+  """``[min, max]`` of ``scale(z)``, linear in ``z``, over the box: its values at the two ends.
+
+  ``scale`` multiplies by the concrete ``weight`` (or divides, ``weight=None``); a zero weight times
+  an infinite end gives 0, not NaN (a zero weight times any real is 0).
+  """
+  at_lower, at_upper = scale(box.lower), scale(box.upper)
+  if weight is not None:
+    zero_weight = jnp.asarray(weight) == 0
+    at_lower = jnp.where(zero_weight & jnp.isinf(box.lower), 0, at_lower)
+    at_upper = jnp.where(zero_weight & jnp.isinf(box.upper), 0, at_upper)
+  return jnp.minimum(at_lower, at_upper), jnp.maximum(at_lower, at_upper)
+
+
 @dataclasses.dataclass(frozen=True)
 class BilinearRule:
   """``op(a, b)`` linear in each argument: ``mul``, ``dot_general``, ``conv_general_dilated``, ``div``.
@@ -98,11 +133,15 @@ class BilinearRule:
       )
     if len(bounded) == 1:
       i = bounded[0]
+      if self.name in ("mul", "div"):  # element-wise: exact at the two ends, cheaper than c +- r
+        scale = lambda z: evaluate(*_put(args, i, z))[0]
+        return [Box(*_scaled_ends(args[i], scale, args[1 - i] if self.name == "mul" else None))]
       box = args[i]
-      centre_args = list(args)
-      radius_args = [a if is_box(a) else jnp.abs(a) for a in args]
-      centre_args[i], radius_args[i] = box.center, box.radius
+      centre, radius = _centre_radius(box)
+      centre_args = _put(args, i, centre)
+      radius_args = _put([a if is_box(a) else jnp.abs(a) for a in args], i, radius)
       c, r = evaluate(*centre_args)[0], evaluate(*radius_args)[0]
+      r = jnp.where(jnp.isnan(r) & ~jnp.isnan(c), jnp.inf, r)  # 0 * inf: an infinite radius
       return [Box(c - r, c + r)]
     if not self.both_ok:
       raise UnsupportedPrimitiveError(f"'{self.name}' of two bounded values is not supported")
@@ -176,29 +215,24 @@ class KinkRule:
     if split is None:
       return None
     box, c = split
-    c = jnp.asarray(c, box.lower.dtype)
     if jnp.broadcast_shapes(jnp.shape(c), box.shape) != box.shape:
       return None
+    left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
+    choice = options.get("relu_lower_slope", "adaptive")
+    if not isinstance(c, jax.core.Tracer) and not np.any(np.asarray(c)):
+      # A concrete zero (ReLU): the kink at 0 is resolved while tracing (fewer operations).
+      kink = relaxations.two_piece_relaxation(box.lower, box.upper, left, right, choice)
+      return Relaxation(bounded_positions(args)[0], LinearBounds(*kink))
+    c = jnp.asarray(c, box.lower.dtype)
     # An infinite constant (e.g. the -inf start of jnp.max) makes the op the identity
     # (max(z, -inf), min(z, +inf)) or the constant (max(z, +inf), min(z, -inf)); relax the finite
-    # part only, so no inf - inf appears.
+    # part only, with the kink at c (no z - c, which could overflow or cancel).
     finite = jnp.isfinite(c)
     c_safe = jnp.where(finite, c, 0)
-    left, right = (0.0, 1.0) if self.is_max else (1.0, 0.0)
-    kink = relaxations.shift(
-      relaxations.two_piece_relaxation(
-        box.lower - c_safe,
-        box.upper - c_safe,
-        left,
-        right,
-        options.get("relu_lower_slope", "adaptive"),
-      ),
-      c_safe,
-      c_safe,
-    )
+    kink = relaxations.two_piece_relaxation(box.lower, box.upper, left, right, choice, c_safe)
     identity = (c < 0) if self.is_max else (c > 0)
     slope = jnp.where(identity, 1, 0).astype(box.dtype)
-    offset = jnp.where(identity, 0, c_safe).astype(box.dtype)
+    offset = jnp.where(identity, 0, c).astype(box.dtype)  # max(z, inf) is inf
     infinite = LinearBounds(slope, offset, slope, offset)
     bounds = [jnp.broadcast_to(jnp.where(finite, k, i), box.shape) for k, i in zip(kink, infinite)]
     return Relaxation(bounded_positions(args)[0], LinearBounds(*bounds))
@@ -242,6 +276,13 @@ def _two_piece_ibp(left_right):
 def _two_piece_relax(left_right):
   def relax(l, u, op, options):
     left, right = left_right(l, op)
+    if jnp.broadcast_shapes(jnp.shape(left), jnp.shape(l)) != jnp.shape(l):
+      raise UnsupportedPrimitiveError(
+        f"an element-wise activation whose output shape {jnp.shape(left)} differs from its "
+        f"input's {jnp.shape(l)} (e.g. leaky_relu with a negative_slope array that broadcasts x "
+        "to a larger shape) has no element-wise relaxation; broadcast x first, e.g. "
+        "jax.nn.leaky_relu(jnp.broadcast_to(x, shape), slope)"
+      )
     return relaxations.two_piece_relaxation(
       l, u, left, right, options.get("relu_lower_slope", "adaptive")
     )
@@ -275,7 +316,7 @@ def _leaky_slopes(l, op):
 
 
 def _abs_slopes(l, op):
-  return -jnp.ones_like(l), jnp.ones_like(l)
+  return -1.0, 1.0
 
 
 def _activation(ibp, relax, takes_options=False, alpha=(None, None)):

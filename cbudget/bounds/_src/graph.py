@@ -17,7 +17,8 @@ import jax
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from cbudget.bounds._src.registry import Registry, UnsupportedPrimitiveError
+from cbudget.bounds._src import batching
+from cbudget.bounds._src.registry import ActivationRule, Registry, UnsupportedPrimitiveError
 
 # Call primitives and the param holding their body.
 _CALLS = {
@@ -54,6 +55,7 @@ class Graph:
   outputs: list[int]
   consts: dict[int, Any]  # ids of literals and closed-over constants, with their values
   bounded: set[int]  # ids that depend on the bounded input
+  batch_axis: dict[int, int]  # for each of those, the axis that holds the examples
 
   def producer_index(self) -> dict[int, int]:
     return {out: i for i, node in enumerate(self.nodes) for out in node.outputs}
@@ -94,17 +96,37 @@ class _Builder:
     self.nodes: list[Node] = []
     self.consts: dict[int, Any] = {}
     self.bounded: set[int] = set()
+    self.axes: dict[int, int] = {}  # bounded value id -> its batch axis
     self._next = 0
 
-  def check_batch_axis(self, var, eqn, where):
-    shape = getattr(var.aval, "shape", ())
-    if not shape or shape[0] != self.batch:
+  def out_axes(self, eqn, rule, named: bool, in_axes, where) -> list[int]:
+    """The batch axis of each output of ``eqn`` (see :mod:`batching`), or a clear error."""
+    in_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+    label = f"'{call_name(eqn) if named else eqn.primitive}'" + (
+      f" inside {where}" if where else ""
+    )
+    try:
+      if isinstance(rule, ActivationRule):  # element-wise by contract
+        axes = batching.elementwise(in_axes, in_shapes, eqn.params)
+      elif named:  # a named call bounded as a whole: read its body
+        body, _ = _body(eqn)
+        axes = infer_axes(body, in_axes, where)
+      else:
+        batch_rule = batching.builtin_batch_rule(eqn.primitive) or getattr(rule, "batch_rule", None)
+        if batch_rule is None:
+          raise batching.BatchMixingError(
+            "cbudget.bounds does not know how it treats the batch axis; give the rule a "
+            "batch_rule (register_affine/register_interval(..., batch_rule=...), e.g. "
+            "cbudget.bounds.elementwise_batch_rule)"
+          )
+        axes = batch_rule(in_axes, in_shapes, eqn.params)
+    except batching.BatchMixingError as e:
+      raise batching.BatchMixingError(_mixing_message(label, e)) from None
+    if len(axes) != len(eqn.outvars) or any(a is None for a in axes):
       raise ValueError(
-        f"cbudget.bounds needs every value that depends on x to keep the batch as its leading "
-        f"axis (examples are bounded independently), but {eqn.primitive}"
-        f"{' inside ' + where if where else ''} makes one of shape {shape} from a batch of "
-        f"{self.batch}; reduce or reshape within each example instead"
+        f"the batch rule of {label} gave {len(axes)} axes for {len(eqn.outvars)} outputs"
       )
+    return list(axes)
 
   def new_id(self) -> int:
     self._next += 1
@@ -128,6 +150,7 @@ class _Builder:
       env[var] = i
     for eqn in jaxpr.eqns:
       ins = [self.read(env, a) for a in eqn.invars]
+      in_axes = [self.axes.get(i) for i in ins]
       is_bounded = any(i in self.bounded for i in ins)
       name = call_name(eqn)
       bounded_args = [k for k, i in enumerate(ins) if i in self.bounded]
@@ -162,11 +185,44 @@ class _Builder:
         )
         if is_bounded:
           self.bounded.update(outs)
-          for var in eqn.outvars:
-            self.check_batch_axis(var, eqn, where)
+          axes = self.out_axes(eqn, rule, named_rule is not None, in_axes, where)
+          self.axes.update(zip(outs, axes))
       for var, i in zip(eqn.outvars, outs):
         env[var] = i
     return [self.read(env, a) for a in jaxpr.outvars]
+
+
+def _mixing_message(label, reason) -> str:
+  return (
+    f"cbudget.bounds needs fn(params, x) to treat the examples of the batch independently (every "
+    f"value that depends on x holds them on one axis, the leading one at the input), but {label} "
+    f"does not: {reason}. Compute within each example instead (e.g. reduce, slice or contract "
+    "other axes), or bound one example at a time."
+  )
+
+
+def infer_axes(jaxpr, in_axes, where: str) -> list:
+  """Batch axes of a jaxpr's outputs given its inputs' (``None``: not bounded), by the built-in
+  batch rules, recursing into calls. Used for named calls that a rule bounds as a whole."""
+  env = dict(zip(jaxpr.invars, in_axes))
+  read = lambda atom: None if isinstance(atom, jcore.Literal) else env.get(atom)
+  for eqn in jaxpr.eqns:
+    axes_in = [read(a) for a in eqn.invars]
+    if all(a is None for a in axes_in):
+      continue
+    if eqn.primitive in _CALLS:
+      body, _ = _body(eqn)
+      outs = infer_axes(body, axes_in, where)
+    else:
+      rule = batching.builtin_batch_rule(eqn.primitive)
+      if rule is None:
+        raise batching.BatchMixingError(
+          f"cbudget.bounds does not know how '{eqn.primitive}' (inside {where or 'a named call'}) "
+          "treats the batch axis"
+        )
+      outs = rule(axes_in, [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars], eqn.params)
+    env.update(zip(eqn.outvars, outs))
+  return [read(a) for a in jaxpr.outvars]
 
 
 def _unsupported_message(key, where, eqn) -> str:
@@ -206,11 +262,17 @@ def build_graph(fn, params, x_like, registry: Registry) -> tuple[Graph, Any]:
       f"for {len(leaves)} params leaves"
     )
   builder.bounded.add(in_ids[-1])
+  builder.axes[in_ids[-1]] = 0
   outs = builder.inline(closed.jaxpr, closed.consts, in_ids, "")
   if len(outs) != 1:
     raise ValueError(
       f"fn must return one array (the logits); it returns {len(outs)} outputs. Wrap "
       "it, e.g. lambda p, x: model.apply(p, x)"
     )
-  graph = Graph(builder.nodes, in_ids, outs, builder.consts, builder.bounded)
+  if builder.axes.get(outs[0], 0) != 0:
+    raise batching.BatchMixingError(
+      f"fn's output holds the examples on axis {builder.axes[outs[0]]}; return them on the "
+      "leading axis, [N, ...]"
+    )
+  graph = Graph(builder.nodes, in_ids, outs, builder.consts, builder.bounded, builder.axes)
   return graph, leaves

@@ -22,18 +22,22 @@ from cbudget.bounds._src.graph import Graph, Node
 from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiveError
 
 
-def _contract(lam, value):
-  """``sum(lam * value)`` per row and example: ``[R, N, ...] x [N, ...] -> [R, N]``.
+def _contract(lam, value, axis: int = 0):
+  """``sum(lam * value)`` per row and example: ``[R, ...] x [...] -> [R, N]``.
 
-  A batched matrix-vector product rather than a broadcast multiply and sum: XLA's CPU backend
-  materialises the broadcast ``value`` for every row, and its gradient w.r.t. ``value`` (a sum over
-  rows) is a slow reduction there; as a ``dot_general`` both are one pass over ``lam``.
+  ``axis`` is the value's batch axis (``lam`` has it one further on, after the rows). A batched
+  matrix-vector product rather than a broadcast multiply and sum: XLA's CPU backend materialises
+  the broadcast ``value`` for every row, and its gradient w.r.t. ``value`` (a sum over rows) is a
+  slow reduction there; as a ``dot_general`` both are one pass over ``lam``.
   """
-  r, n = lam.shape[:2]
   if jnp.ndim(value) == lam.ndim:  # one value per row (an optimised relaxation, alpha_crown.py)
-    return jnp.sum((lam * value).reshape(r, n, -1), axis=-1)
-  value = jnp.broadcast_to(value, lam.shape[1:]).reshape(n, -1)
-  return jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.astype(lam.dtype))
+    prod = jnp.moveaxis(lam * value, axis + 1, 1)
+    return jnp.sum(prod.reshape(prod.shape[0], prod.shape[1], -1), axis=-1)
+  value = jnp.broadcast_to(value, lam.shape[1:])
+  if axis:
+    lam, value = jnp.moveaxis(lam, axis + 1, 1), jnp.moveaxis(value, axis, 0)
+  r, n = lam.shape[:2]
+  return jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.reshape(n, -1).astype(lam.dtype))
 
 
 def _ibp_node(node: Node, args) -> list:
@@ -50,6 +54,14 @@ def _ibp_node(node: Node, args) -> list:
   return outs
 
 
+def _intersect(ibp: Box, tight: Box) -> Box:
+  """The intersection of two sound boxes. A NaN bound (a CROWN pass that met an infinite bound,
+  0 * inf) is no information: the other bound is kept, never the NaN read as a number."""
+  lower = jnp.where(jnp.isnan(tight.lower), ibp.lower, jnp.maximum(ibp.lower, tight.lower))
+  upper = jnp.where(jnp.isnan(tight.upper), ibp.upper, jnp.minimum(ibp.upper, tight.upper))
+  return Box(lower, upper)
+
+
 class Propagator:
   """Holds the bounds of every value of one example and runs backward passes over them."""
 
@@ -62,19 +74,56 @@ class Propagator:
     self.input_id = graph.inputs[-1]
     self.env[self.input_id] = box
     self.producer = graph.producer_index()
+    self.batch_size = box.shape[0]
     self._linear: dict[int, Any] = {}  # node index -> linearisation, fixed once computed
 
   # -- forward ---------------------------------------------------------------------------------
 
-  def forward(self, refine=None):
-    """Bounds for every value in topological order; ``refine(index, node)`` may first tighten a
-    node's bounded inputs (full CROWN does, with backward passes)."""
-    for index, node in enumerate(self.graph.nodes):
-      if node.bounded and refine is not None:
-        refine(index, node)
+  def forward(self, crown_chunk_size: int | None | bool = False, sparse: bool = True):
+    """Bounds for every value in topological order.
+
+    With ``crown_chunk_size`` other than ``False`` (full CROWN), the bounded inputs of every node
+    that is not affine are first tightened by CROWN backward passes (at most ``crown_chunk_size``
+    (row, example) pairs each, ``None`` for all rows at once), intersected with their IBP bounds.
+    With ``sparse``, only the elements whose relaxation the current bounds leave inexact (unstable
+    ReLUs) get backward passes; the relaxation of the others is exact already and stays so on any
+    sub-interval, so tighter bounds would not change it.
+    """
+    refined = set()
+    for node in self.graph.nodes:
+      if (
+        node.bounded
+        and crown_chunk_size is not False
+        and getattr(node.rule, "kind", "") != "affine"
+      ):
+        for i in node.inputs:
+          if i in self.graph.bounded and i != self.input_id and i not in refined:
+            refined.add(i)
+            needed = self._inexact_elements(i) if sparse else None
+            tight = self.crown_bounds_of(i, crown_chunk_size, needed)
+            self.env[i] = _intersect(self.env[i], tight)
       args = [self.env[i] for i in node.inputs]
       outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
       self.env.update(zip(node.outputs, outs))
+
+  def _inexact_elements(self, value: int):
+    """Elements of ``value`` whose bounds matter to some non-affine node that reads it: those the
+    node's relaxation does not represent exactly (``None``: all of them)."""
+    needed = None
+    for node in self.graph.nodes:
+      if value not in node.inputs or getattr(node.rule, "kind", "") == "affine":
+        continue
+      if not all(i in self.env for i in node.inputs):
+        return None  # a later node that needs more than this value: keep every element
+      args = [self.env[i] for i in node.inputs]
+      lin = node.rule.linearize(args, node.params, node.evaluate, self.options)
+      if not isinstance(lin, Relaxation) or node.inputs[lin.index] != value:
+        return None
+      b = lin.bounds
+      exact = (b.lower_slope == b.upper_slope) & (b.lower_offset == b.upper_offset)
+      inexact = jnp.broadcast_to(~exact, self.env[value].shape)
+      needed = inexact if needed is None else needed | inexact
+    return needed
 
   # -- backward --------------------------------------------------------------------------------
 
@@ -128,8 +177,8 @@ class Propagator:
       self._linearize(index, self.graph.nodes[index], relax)
 
   def _relax_with(self, index: int, node: Node, alpha):
-    """The node's optimisable relaxation at parameters ``alpha`` ``[P, R, N, ...]`` (not cached:
-    it differs per row and per call)."""
+    """The node's optimisable relaxation at parameters ``alpha`` ``[P, R, ...]`` (not cached: it
+    differs per row and per call)."""
     args = [self.env[i] for i in node.inputs]
     return node.rule.relax_with(args, node.params, node.evaluate, self.options, alpha)
 
@@ -138,13 +187,14 @@ class Propagator:
 
     With ``relax=False`` only affine nodes are passed through; the first non-affine node meets its
     interval bounds (this is IBP with the spec folded into the trailing affine layers).
-    ``alphas`` (α-CROWN) maps node indices to relaxation parameters ``[P, R, N, ...]``, one set per
+    ``alphas`` (α-CROWN) maps node indices to relaxation parameters ``[P, R, ...]``, one set per
     row, for nodes whose rule has ``relax_with``; other nodes use their fixed linearisation.
     """
     if target not in self.graph.bounded:
       return _contract(lam, self.env[target])
+    axis = self.graph.batch_axis
     lams = {target: lam}
-    bias = jnp.zeros(lam.shape[:2], lam.dtype)
+    bias = jnp.zeros((lam.shape[0], self.batch_size), lam.dtype)
     stop = self.producer.get(target, -1)  # -1: the target is the input itself
     for index in range(stop, -1, -1):
       node = self.graph.nodes[index]
@@ -158,15 +208,13 @@ class Propagator:
       if lin is None:
         for o, lo in zip(node.outputs, out_lams):
           if lo is not None:
-            box = self.env[o]
-            bias += _contract(jnp.maximum(lo, 0), box.lower) + _contract(
-              jnp.minimum(lo, 0), box.upper
-            )
+            bias += self._interval_term(lo, self.env[o], axis[o])
       elif isinstance(lin, Relaxation):
         (lo,) = out_lams
         pos, neg = jnp.maximum(lo, 0), jnp.minimum(lo, 0)
         b = lin.bounds
-        bias += _contract(pos, b.lower_offset) + _contract(neg, b.upper_offset)
+        z = axis[node.inputs[lin.index]]
+        bias += _contract(pos, b.lower_offset, z) + _contract(neg, b.upper_offset, z)
         self._accumulate(lams, node.inputs[lin.index], pos * b.lower_slope + neg * b.upper_slope)
       else:
         bounded, offsets, pullback = lin
@@ -174,21 +222,25 @@ class Propagator:
           jnp.zeros((lam.shape[0],) + jnp.shape(off), lam.dtype) if lo is None else lo
           for lo, off in zip(out_lams, offsets)
         ]
-        for lo, off in zip(out_lams, offsets):
+        for o, lo, off in zip(node.outputs, out_lams, offsets):
           if lo is not None:
-            bias += _contract(lo, off)
+            bias += _contract(lo, off, axis[o])
         in_lams = pullback(cotangents)
         for i, in_lam in zip(bounded, in_lams):
           self._accumulate(lams, node.inputs[i], in_lam)
     lam_x = lams.pop(self.input_id, None)
     if lam_x is not None:
-      box = self.env[self.input_id]
-      bias += _contract(jnp.maximum(lam_x, 0), box.lower) + _contract(
-        jnp.minimum(lam_x, 0), box.upper
-      )
+      bias += self._interval_term(lam_x, self.env[self.input_id], 0)
     if lams:
       raise RuntimeError(f"internal error: coefficients left on values {sorted(lams)}")
     return bias
+
+  @staticmethod
+  def _interval_term(lam, box: Box, axis: int):
+    """The lower bound of ``<lam, value>`` over the value's interval bounds."""
+    return _contract(jnp.maximum(lam, 0), box.lower, axis) + _contract(
+      jnp.minimum(lam, 0), box.upper, axis
+    )
 
   @staticmethod
   def _accumulate(lams, key, lam):
@@ -199,7 +251,7 @@ class Propagator:
   def largest_value_bytes(self) -> int:
     """Bytes of the largest value that depends on x, for one example."""
     sizes = [
-      math.prod(v.shape[1:]) * jnp.dtype(v.dtype).itemsize
+      math.prod(v.shape) // self.batch_size * jnp.dtype(v.dtype).itemsize
       for v in self.env.values()
       if isinstance(v, Box)
     ]
@@ -208,39 +260,60 @@ class Propagator:
   def row_chunks(self, target: int, chunk_size: int | None) -> tuple[int, int]:
     """``(chunk, num_chunks)``: how :meth:`crown_bounds_of` splits ``target``'s ``2 x size`` rows."""
     shape = self.env[target].shape
-    rows = 2 * math.prod(shape[1:])
-    chunk = rows if chunk_size is None else max(1, min(chunk_size // shape[0], rows))
+    n = shape[self.graph.batch_axis.get(target, 0)]
+    rows = 2 * (math.prod(shape) // n)
+    chunk = rows if chunk_size is None else max(1, min(chunk_size // n, rows))
     return chunk, -(-rows // chunk)
 
-  def crown_bounds_of(self, target: int, chunk_size: int | None, alphas=None) -> Box:
-    """CROWN bounds of every element of ``target`` (rows: +e_k for lower, -e_k for upper, for all
+  def crown_bounds_of(self, target: int, chunk_size: int | None, needed=None, alphas=None) -> Box:
+    """CROWN bounds of the elements of ``target`` (rows: +e_k for lower, -e_k for upper, for all
     examples at once). One backward pass carries at most ``chunk_size`` (row, example) pairs, so
     memory is about ``chunk_size`` times the largest per-example value, whatever the batch.
-    ``alphas`` (α-CROWN): node index -> ``[P, chunk x num_chunks, N, ...]`` (see :meth:`row_chunks`),
-    each chunk's slice going to its backward pass."""
+
+    ``needed`` (booleans of the target's shape): only elements needed in some example are bounded,
+    the others get ``[-inf, inf]`` (no information). Their rows are ordered first and the chunks
+    past them are skipped at run time (``lax.cond``), so the cost follows the number of needed
+    elements while every shape stays static (jit).
+
+    ``alphas`` (α-CROWN): node index -> ``[P, chunk x num_chunks, ...]`` (see :meth:`row_chunks`),
+    row ``p`` being the one described below; each chunk's slice goes to its backward pass.
+    """
     shape = self.env[target].shape
-    n, per_example = shape[0], shape[1:]
+    axis = self.graph.batch_axis.get(target, 0)
+    n = shape[axis]
+    per_example = shape[:axis] + shape[axis + 1 :]  # rows are built batch-first, then moved
     size = math.prod(per_example)
     dtype = self.env[target].dtype
-    rows = 2 * size
     chunk, num_chunks = self.row_chunks(target, chunk_size)
+    if needed is None:
+      order, count = jnp.arange(size), size
+    else:
+      wanted = jnp.any(jnp.moveaxis(needed, axis, 0).reshape(n, size), axis=0)
+      order = jnp.argsort(~wanted, stable=True)  # the needed elements first
+      count = jnp.sum(wanted)
+    # Row p bounds element order[p // 2]: from below for even p, from above for odd p.
+    element = order[jnp.minimum(jnp.arange(num_chunks * chunk) // 2, size - 1)]
 
     def run(start):
-      r = start + jnp.arange(chunk)
-      sign = jnp.where(r < size, 1, -1).astype(dtype)
-      valid = (r < rows).astype(dtype)
-      lam = jax.nn.one_hot(r % size, size, dtype=dtype) * (sign * valid)[:, None]
-      lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk,) + shape)
+      p = start + jnp.arange(chunk)
+      sign = jnp.where(p % 2 == 0, 1, -1) * (p < 2 * count)
+      lam = jax.nn.one_hot(element[p], size, dtype=dtype) * sign.astype(dtype)[:, None]
+      lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk, n) + per_example)
       sliced = None
       if alphas is not None:
         sliced = {k: lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for k, a in alphas.items()}
-      return self.backward(target, lam, alphas=sliced)  # [chunk, N]
+      return self.backward(target, jnp.moveaxis(lam, 1, axis + 1), alphas=sliced)  # [chunk, N]
 
     if num_chunks == 1:
       out = run(0)
     else:
       self.prepare(target)
-      out = lax.map(run, jnp.arange(num_chunks) * chunk).reshape(-1, n)
-    lower = out[:size].T.reshape(shape)
-    upper = -out[size:rows].T.reshape(shape)
-    return Box(lower, upper)
+      skip = lambda start: jnp.zeros((chunk, n), dtype)
+      starts = jnp.arange(num_chunks) * chunk
+      out = lax.map(lambda s: lax.cond(s < 2 * count, run, skip, s), starts).reshape(-1, n)
+    p = jnp.arange(num_chunks * chunk)
+    unused = jnp.where(p < 2 * count, element, size)  # index `size` is dropped by the scatter
+    lower = jnp.full((size, n), -jnp.inf, dtype).at[unused[0::2]].set(out[0::2], mode="drop")
+    upper = jnp.full((size, n), jnp.inf, dtype).at[unused[1::2]].set(-out[1::2], mode="drop")
+    per_row = lambda o: jnp.moveaxis(o.T.reshape((n,) + per_example), 0, axis)
+    return Box(per_row(lower), per_row(upper))

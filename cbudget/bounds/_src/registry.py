@@ -15,14 +15,14 @@ Every node of a traced function is bounded by a *rule*. A rule gives
     are (sound, loses the dependence on earlier nodes).
 
 The three public constructors :func:`affine_rule`, :func:`activation_rule` and :func:`interval_rule`
-cover the cases users meet; a custom object with the two methods works too.
+cover the cases users meet; any object of the :class:`BoundRule` protocol works too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
-from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
 
 import jax
 
@@ -44,6 +44,27 @@ class LinearBounds(NamedTuple):
   lower_offset: jax.Array
   upper_slope: jax.Array
   upper_offset: jax.Array
+
+
+class BoundRule(Protocol):
+  """What the engine asks of a rule (the built-in rules and the ``*_rule`` constructors are such).
+
+  ``ibp(args, params, evaluate)`` returns the interval bounds of the node's outputs (a :class:`Box`
+  or a list of them); each arg is a concrete array or a :class:`Box`, and ``evaluate(*arrays)`` runs
+  the node on concrete arrays. ``linearize(args, params, evaluate, options)`` returns an
+  :class:`Affine`, a :class:`Relaxation` or ``None`` (see the module docstring).
+
+  Optional attributes, read with defaults: ``kind == "affine"`` says ``linearize`` is always
+  :class:`Affine`, so full CROWN need not tighten the node's inputs (default: it does);
+  ``batch_rule(in_axes, in_shapes, params) -> out_axes`` says where a *primitive's* outputs hold the
+  examples (see ``cbudget.bounds.elementwise_batch_rule``; built-in primitives and named functions
+  need none); ``accepts(eqn, bounded_positions) -> bool`` lets a rule for a named function decline
+  a call (it is then traced through).
+  """
+
+  def ibp(self, args: list, params: dict, evaluate: Callable) -> Any: ...
+
+  def linearize(self, args: list, params: dict, evaluate: Callable, options: dict) -> Any: ...
 
 
 class Affine(NamedTuple):
@@ -86,6 +107,7 @@ class AffineRule:
 
   ibp_fn: Callable[..., Any]
   affine_if: Callable[[tuple[int, ...], dict], bool] = lambda bounded, params: True
+  batch_rule: Callable | None = None
   kind = "affine"
 
   def ibp(self, args, params, evaluate):
@@ -168,6 +190,7 @@ class IntervalRule:
   """IBP only: the backward pass uses the node's interval bounds (sound, not tight)."""
 
   ibp_fn: Callable[..., Any]
+  batch_rule: Callable | None = None
   kind = "interval"
 
   def ibp(self, args, params, evaluate):
@@ -177,9 +200,11 @@ class IntervalRule:
     return None
 
 
-def affine_rule(ibp, affine_if=None) -> AffineRule:
+def affine_rule(ibp, affine_if=None, batch_rule=None) -> AffineRule:
   """A rule for an operation affine in its bounded inputs (see :class:`AffineRule`)."""
-  return AffineRule(ibp) if affine_if is None else AffineRule(ibp, affine_if)
+  if affine_if is None:
+    return AffineRule(ibp, batch_rule=batch_rule)
+  return AffineRule(ibp, affine_if, batch_rule)
 
 
 def activation_rule(
@@ -199,9 +224,9 @@ def activation_rule(
   )
 
 
-def interval_rule(ibp) -> IntervalRule:
+def interval_rule(ibp, batch_rule=None) -> IntervalRule:
   """A rule that only gives interval bounds (see :class:`IntervalRule`)."""
-  return IntervalRule(ibp)
+  return IntervalRule(ibp, batch_rule)
 
 
 def rule_key(key):
@@ -248,9 +273,6 @@ class Registry:
 
   def copy(self) -> Registry:
     return Registry(self._rules)
-
-  def keys(self) -> Sequence[Any]:
-    return list(self._rules)
 
 
 def _key_name(key) -> str:

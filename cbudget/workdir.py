@@ -1,8 +1,9 @@
-"""What a run leaves in its workdir: config, checkpoints, metrics. Written so nothing is lost.
+"""A run's workdir: ``config.json``, checkpoints and the metrics log. Written so nothing is lost.
 
 * Checkpoints use orbax, which writes each step to a temporary directory and renames it when
   complete, so a crash mid-write leaves the previous checkpoint as the latest valid one.
-* ``config.json`` is written through a temporary file and ``os.replace`` (atomic on POSIX).
+* ``config.json`` (and ``eval.json``) are written through a temporary file and ``os.replace``
+  (atomic on POSIX), readable by all (0644) like any other file a run writes.
 * ``metrics.jsonl`` is append-only, one JSON object per line, flushed and fsynced per line. On
   resume, lines past the restored step and any half-written last line are dropped (by an atomic
   rewrite), so the file continues from the checkpoint without duplicates.
@@ -19,13 +20,18 @@ import jax
 import orbax.checkpoint as ocp
 
 
+FILE_MODE = 0o644
+
+
 def atomic_write_text(path: str, text: str):
+  """Write ``path`` whole or not at all (a temporary file renamed over it), mode 0644."""
   directory = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
       f.flush()
+      os.fchmod(f.fileno(), FILE_MODE)  # mkstemp creates 0600
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:

@@ -1,4 +1,4 @@
-"""Tests for launch.visualize: files are valid, readable, non-trivial PNGs."""
+"""Tests for cbudget.plots: files are valid, readable, non-trivial PNGs."""
 
 import json
 
@@ -6,7 +6,7 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from launch import visualize
+from cbudget import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -36,7 +36,7 @@ def test_plot_budget_grid(tmp_path, channels, with_masks):
   h = 28 if channels == 1 else 32
   images, eps, masks = _example(5, h, h, channels)
   path = tmp_path / "sub" / "grid.png"
-  out = visualize.plot_budget_grid(
+  out = plots.plot_budget_grid(
     images,
     eps,
     str(path),
@@ -54,25 +54,25 @@ def test_plot_budget_grid_per_channel_eps_and_3d_inputs(tmp_path):
   images, eps, masks = _example(3, 32, 32, 3)
   eps_rgb = np.repeat(eps, 3, axis=-1) * np.array([1.0, 0.5, 2.0])
   path = tmp_path / "grid_rgb_eps.png"
-  visualize.plot_budget_grid(images, eps_rgb, str(path), masks=masks[..., 0])
+  plots.plot_budget_grid(images, eps_rgb, str(path), masks=masks[..., 0])
   _assert_png(path)
   gray, eps_g, _ = _example(2, 28, 28, 1)
   path2 = tmp_path / "grid_3d.png"
-  visualize.plot_budget_grid(gray[..., 0], eps_g[..., 0], str(path2))
+  plots.plot_budget_grid(gray[..., 0], eps_g[..., 0], str(path2))
   _assert_png(path2)
 
 
 def test_plot_budget_grid_constant_budget(tmp_path):
   images, _, _ = _example(2, 28, 28, 1)
   path = tmp_path / "const.png"
-  visualize.plot_budget_grid(images, np.full((2, 28, 28, 1), 0.1), str(path))
+  plots.plot_budget_grid(images, np.full((2, 28, 28, 1), 0.1), str(path))
   _assert_png(path)
 
 
 def test_plot_budget_grid_shape_mismatch(tmp_path):
   images, _, _ = _example(2, 28, 28, 1)
   with pytest.raises(ValueError):
-    visualize.plot_budget_grid(images, np.ones((2, 14, 14, 1)), str(tmp_path / "x.png"))
+    plots.plot_budget_grid(images, np.ones((2, 14, 14, 1)), str(tmp_path / "x.png"))
 
 
 def test_plot_training_curves(tmp_path):
@@ -91,7 +91,7 @@ def test_plot_training_curves(tmp_path):
     f.write('{"note": "no step field"}\n')
     f.write('{"step": 200, "clean_err')  # Partially written last line.
   path = tmp_path / "curves.png"
-  assert visualize.plot_training_curves(str(jsonl), str(path)) == str(path)
+  assert plots.plot_training_curves(str(jsonl), str(path)) == str(path)
   _assert_png(path, min_hw=(300, 600))
 
 
@@ -99,5 +99,5 @@ def test_plot_training_curves_partial_fields(tmp_path):
   jsonl = tmp_path / "metrics.jsonl"
   jsonl.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in range(5)))
   path = tmp_path / "curves_loss_only.png"
-  visualize.plot_training_curves(str(jsonl), str(path))
+  plots.plot_training_curves(str(jsonl), str(path))
   _assert_png(path)

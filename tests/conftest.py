@@ -1,0 +1,60 @@
+"""Shared test set-up: one compilation cache for the session, tiny run configs, one trained run.
+
+The end-to-end tests train and evaluate the same small models many times, in this process and in
+launcher subprocesses; a persistent compilation cache in a fresh temporary folder (removed at the
+end) lets every repeat of a compilation be a cache hit. Tests that only read a finished run share
+:func:`trained_run`, trained once per session.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import jax
+import pytest
+
+_CACHE = tempfile.mkdtemp(prefix="cbudget-test-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# The launchers run as subprocesses inherit these; this process sets them directly.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+TINY = dict(
+  dataset="shapes",
+  model="dm_small",
+  num_train_examples=256,
+  batch_size=32,
+  log_every=2,
+  checkpoint_every=4,
+  eps=0.1,
+  warmup_fraction=0.0,
+  ramp_fraction=0.5,
+)
+
+
+def tiny_config(path, **overrides):
+  """A :class:`cbudget.train.TrainConfig` of a few-second run in ``path``."""
+  from cbudget.train import TrainConfig
+
+  return TrainConfig(workdir=str(path), **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A contextual run trained long enough to certify some examples (tests only read it)."""
+  from cbudget.train import train
+
+  config = tiny_config(
+    tmp_path_factory.mktemp("trained") / "run",
+    steps=300,
+    num_train_examples=1024,
+    batch_size=64,
+    checkpoint_every=300,
+    log_every=100,
+    warmup_fraction=0.1,
+  )
+  train(config)
+  return config
