@@ -6,11 +6,13 @@ Entry points, each ``method(fn) -> bound(params, box, ...)``, jit/grad/vmap comp
 * :func:`crown` — linear relaxations propagated backward (CROWN-IBP with ``intermediate="ibp"``,
   full CROWN with ``intermediate="crown"``).
 * :func:`crown_ibp` — IBP and CROWN-IBP bounds from one shared forward pass (CROWN-IBP training).
+* :func:`alpha_crown` — full CROWN with relaxations optimised per bound (α-CROWN).
 
 Extend the rules at run time with :func:`register_affine`, :func:`register_activation` and
 :func:`register_interval` (or on a private :class:`Registry`).
 """
 
+from cbudget.bounds._src.alpha_crown import alpha_crown
 from cbudget.bounds._src.api import DEFAULT_REGISTRY, CrownIbpBounds, crown, crown_ibp, ibp
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.batching import BatchMixingError
@@ -47,16 +49,32 @@ def register_affine(key, ibp, *, affine_if=None, batch_rule=None, registry=None,
   )
 
 
-def register_activation(key, ibp, relax=None, *, registry=None, override=False):
+def register_activation(
+  key,
+  ibp,
+  relax=None,
+  *,
+  relax_with=None,
+  alpha_init=None,
+  alpha_range=(0.0, 1.0),
+  registry=None,
+  override=False,
+):
   """Register an element-wise nonlinearity of one bounded argument.
 
   ``ibp(lower, upper, op) -> (lo, hi)`` and ``relax(lower, upper, op) -> LinearBounds`` must hold
   for every point of ``[lower, upper]``; ``op`` evaluates the operation on a concrete array. Without
   ``relax``, CROWN uses the interval bounds at this node.
+
+  For :func:`alpha_crown`, a relaxation with parameters: ``relax_with(lower, upper, op, alpha) ->
+  LinearBounds`` must hold for every ``alpha`` in ``alpha_range`` (element-wise; ``alpha`` has shape
+  ``[P, R, *lower.shape]``, one set per bound row), and ``alpha_init(lower, upper, op) -> [P,
+  *lower.shape]`` gives the parameters at which it equals ``relax`` (where α-CROWN starts).
   """
-  return (registry or DEFAULT_REGISTRY).register(
-    key, activation_rule(ibp, relax), override=override
+  rule = activation_rule(
+    ibp, relax, relax_with=relax_with, alpha_init=alpha_init, alpha_range=alpha_range
   )
+  return (registry or DEFAULT_REGISTRY).register(key, rule, override=override)
 
 
 def register_interval(key, ibp, *, batch_rule=None, registry=None, override=False):
@@ -72,6 +90,7 @@ __all__ = [
   "BatchMixingError",
   "BoundRule",
   "Box",
+  "alpha_crown",
   "CrownIbpBounds",
   "DEFAULT_REGISTRY",
   "LinearBounds",

@@ -237,6 +237,29 @@ class KinkRule:
     bounds = [jnp.broadcast_to(jnp.where(finite, k, i), box.shape) for k, i in zip(kink, infinite)]
     return Relaxation(bounded_positions(args)[0], LinearBounds(*bounds))
 
+  # α-CROWN (see ActivationRule): the slope of the supporting line at the kink, as a fraction of
+  # the way from the left piece's slope to the right one's.
+  alpha_range = (0.0, 1.0)
+
+  def alpha_init(self, args, params, evaluate, options):
+    lin = self.linearize(args, params, evaluate, options)
+    if lin is None:
+      return None
+    return relaxations.kink_alpha_init(lin.bounds, *self._pieces())
+
+  def relax_with(self, args, params, evaluate, options, alpha):
+    lin = self.linearize(args, params, evaluate, options)
+    box, c = self._split(args)
+    c = jnp.asarray(c, box.lower.dtype)
+    c_safe = jnp.where(jnp.isfinite(c), c, 0)
+    bounds = relaxations.with_kink_support(
+      lin.bounds, box.lower, box.upper, *self._pieces(), alpha[0], c_safe, c_safe, jnp.isfinite(c)
+    )
+    return Relaxation(lin.index, bounds)
+
+  def _pieces(self):
+    return (0.0, 1.0) if self.is_max else (1.0, 0.0)
+
 
 def _monotone_ibp(l, u, op):
   return op(l), op(u)
@@ -267,6 +290,25 @@ def _two_piece_relax(left_right):
   return relax
 
 
+def _two_piece_alpha(left_right):
+  """``(relax_with, alpha_init)`` of a two-piece activation's supporting line (α-CROWN)."""
+
+  def relax_with(l, u, op, alpha):
+    left, right = left_right(l, op)
+    base = relaxations.two_piece_relaxation(l, u, left, right)
+    return relaxations.with_kink_support(base, l, u, left, right, alpha[0])
+
+  def alpha_init(l, u, op, options):
+    left, right = left_right(l, op)
+    return relaxations.kink_alpha_init(_two_piece_relax(left_right)(l, u, op, options), left, right)
+
+  return relax_with, alpha_init
+
+
+def _s_shaped_alpha(relax_with):
+  return relax_with, lambda l, u, op: relaxations.s_shaped_alpha_init(l, u)
+
+
 def _leaky_slopes(l, op):
   # The named function is jax.nn.leaky_relu: its negative-side slope is -f(-1), read off the trace so
   # that any negative_slope (a literal or an argument) is honoured.
@@ -277,8 +319,8 @@ def _abs_slopes(l, op):
   return -1.0, 1.0
 
 
-def _activation(ibp, relax, takes_options=False):
-  return ActivationRule(ibp, relax, takes_options)
+def _activation(ibp, relax, takes_options=False, alpha=(None, None)):
+  return ActivationRule(ibp, relax, takes_options, *alpha)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,18 +391,40 @@ def register_builtins(registry: Registry) -> Registry:
   registry.register(P.max_p, KinkRule(is_max=True))
   registry.register(P.min_p, KinkRule(is_max=False))
   registry.register(
-    P.abs_p, _activation(_two_piece_ibp(_abs_slopes), _two_piece_relax(_abs_slopes), True)
+    P.abs_p,
+    _activation(
+      _two_piece_ibp(_abs_slopes),
+      _two_piece_relax(_abs_slopes),
+      True,
+      _two_piece_alpha(_abs_slopes),
+    ),
   )
   registry.register(
-    "leaky_relu", JaxNNRule(_two_piece_ibp(_leaky_slopes), _two_piece_relax(_leaky_slopes), True)
+    "leaky_relu",
+    JaxNNRule(
+      _two_piece_ibp(_leaky_slopes),
+      _two_piece_relax(_leaky_slopes),
+      True,
+      *_two_piece_alpha(_leaky_slopes),
+    ),
   )
   registry.register(
     "hard_tanh", JaxNNRule(_hard_tanh_ibp, lambda l, u, op: relaxations.hard_tanh_relaxation(l, u))
   )
   registry.register(
-    P.logistic_p, _activation(_monotone_ibp, lambda l, u, op: relaxations.sigmoid_relaxation(l, u))
+    P.logistic_p,
+    _activation(
+      _monotone_ibp,
+      lambda l, u, op: relaxations.sigmoid_relaxation(l, u),
+      alpha=_s_shaped_alpha(lambda l, u, op, a: relaxations.sigmoid_relaxation_with(l, u, a)),
+    ),
   )
   registry.register(
-    P.tanh_p, _activation(_monotone_ibp, lambda l, u, op: relaxations.tanh_relaxation(l, u))
+    P.tanh_p,
+    _activation(
+      _monotone_ibp,
+      lambda l, u, op: relaxations.tanh_relaxation(l, u),
+      alpha=_s_shaped_alpha(lambda l, u, op, a: relaxations.tanh_relaxation_with(l, u, a)),
+    ),
   )
   return registry

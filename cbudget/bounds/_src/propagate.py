@@ -30,6 +30,9 @@ def _contract(lam, value, axis: int = 0):
   the broadcast ``value`` for every row, and its gradient w.r.t. ``value`` (a sum over rows) is a
   slow reduction there; as a ``dot_general`` both are one pass over ``lam``.
   """
+  if jnp.ndim(value) == lam.ndim:  # one value per row (an optimised relaxation, alpha_crown.py)
+    prod = jnp.moveaxis(lam * value, axis + 1, 1)
+    return jnp.sum(prod.reshape(prod.shape[0], prod.shape[1], -1), axis=-1)
   value = jnp.broadcast_to(value, lam.shape[1:])
   if axis:
     lam, value = jnp.moveaxis(lam, axis + 1, 1), jnp.moveaxis(value, axis, 0)
@@ -154,24 +157,38 @@ class Propagator:
     offsets, pullback = jax.vjp(fn, *zeros)
     return bounded, offsets, jax.vmap(pullback)
 
+  def upstream_nodes(self, target: int) -> list[int]:
+    """Indices of the bounded nodes the backward pass from ``target`` visits, last first."""
+    needed, visited = {target}, []
+    for index in range(self.producer.get(target, -1), -1, -1):
+      node = self.graph.nodes[index]
+      if node.bounded and any(o in needed for o in node.outputs):
+        visited.append(index)
+        needed.update(i for i in node.inputs if i in self.graph.bounded)
+    return visited
+
   def prepare(self, target: int, relax: bool = True):
     """Linearise every node the backward pass from ``target`` visits, in the current trace.
 
     Call it before running backward passes inside ``lax.map``, so that the cached linearisations
     belong to the outer trace rather than leak out of the loop body.
     """
-    needed = {target}
-    for index in range(self.producer.get(target, -1), -1, -1):
-      node = self.graph.nodes[index]
-      if node.bounded and any(o in needed for o in node.outputs):
-        self._linearize(index, node, relax)
-        needed.update(i for i in node.inputs if i in self.graph.bounded)
+    for index in self.upstream_nodes(target):
+      self._linearize(index, self.graph.nodes[index], relax)
 
-  def backward(self, target: int, lam, relax: bool = True):
+  def _relax_with(self, index: int, node: Node, alpha):
+    """The node's optimisable relaxation at parameters ``alpha`` ``[P, R, ...]`` (not cached: it
+    differs per row and per call)."""
+    args = [self.env[i] for i in node.inputs]
+    return node.rule.relax_with(args, node.params, node.evaluate, self.options, alpha)
+
+  def backward(self, target: int, lam, relax: bool = True, alphas=None):
     """Lower bounds ``[R, N]`` of ``<lam[r, n], value(target)[n]>`` over the input box.
 
     With ``relax=False`` only affine nodes are passed through; the first non-affine node meets its
     interval bounds (this is IBP with the spec folded into the trailing affine layers).
+    ``alphas`` (α-CROWN) maps node indices to relaxation parameters ``[P, R, ...]``, one set per
+    row, for nodes whose rule has ``relax_with``; other nodes use their fixed linearisation.
     """
     if target not in self.graph.bounded:
       return _contract(lam, self.env[target])
@@ -184,7 +201,10 @@ class Propagator:
       if not node.bounded or not any(o in lams for o in node.outputs):
         continue
       out_lams = [lams.pop(o, None) for o in node.outputs]
-      lin = self._linearize(index, node, relax)
+      if relax and alphas is not None and index in alphas:
+        lin = self._relax_with(index, node, alphas[index])
+      else:
+        lin = self._linearize(index, node, relax)
       if lin is None:
         for o, lo in zip(node.outputs, out_lams):
           if lo is not None:
@@ -237,7 +257,15 @@ class Propagator:
     ]
     return max(sizes, default=1)
 
-  def crown_bounds_of(self, target: int, chunk_size: int | None, needed=None) -> Box:
+  def row_chunks(self, target: int, chunk_size: int | None) -> tuple[int, int]:
+    """``(chunk, num_chunks)``: how :meth:`crown_bounds_of` splits ``target``'s ``2 x size`` rows."""
+    shape = self.env[target].shape
+    n = shape[self.graph.batch_axis.get(target, 0)]
+    rows = 2 * (math.prod(shape) // n)
+    chunk = rows if chunk_size is None else max(1, min(chunk_size // n, rows))
+    return chunk, -(-rows // chunk)
+
+  def crown_bounds_of(self, target: int, chunk_size: int | None, needed=None, alphas=None) -> Box:
     """CROWN bounds of the elements of ``target`` (rows: +e_k for lower, -e_k for upper, for all
     examples at once). One backward pass carries at most ``chunk_size`` (row, example) pairs, so
     memory is about ``chunk_size`` times the largest per-example value, whatever the batch.
@@ -246,6 +274,9 @@ class Propagator:
     the others get ``[-inf, inf]`` (no information). Their rows are ordered first and the chunks
     past them are skipped at run time (``lax.cond``), so the cost follows the number of needed
     elements while every shape stays static (jit).
+
+    ``alphas`` (α-CROWN): node index -> ``[P, chunk x num_chunks, ...]`` (see :meth:`row_chunks`),
+    row ``p`` being the one described below; each chunk's slice goes to its backward pass.
     """
     shape = self.env[target].shape
     axis = self.graph.batch_axis.get(target, 0)
@@ -253,9 +284,7 @@ class Propagator:
     per_example = shape[:axis] + shape[axis + 1 :]  # rows are built batch-first, then moved
     size = math.prod(per_example)
     dtype = self.env[target].dtype
-    rows = 2 * size
-    chunk = rows if chunk_size is None else max(1, min(chunk_size // n, rows))
-    num_chunks = -(-rows // chunk)
+    chunk, num_chunks = self.row_chunks(target, chunk_size)
     if needed is None:
       order, count = jnp.arange(size), size
     else:
@@ -270,7 +299,10 @@ class Propagator:
       sign = jnp.where(p % 2 == 0, 1, -1) * (p < 2 * count)
       lam = jax.nn.one_hot(element[p], size, dtype=dtype) * sign.astype(dtype)[:, None]
       lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk, n) + per_example)
-      return self.backward(target, jnp.moveaxis(lam, 1, axis + 1))  # [chunk, N]
+      sliced = None
+      if alphas is not None:
+        sliced = {k: lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for k, a in alphas.items()}
+      return self.backward(target, jnp.moveaxis(lam, 1, axis + 1), alphas=sliced)  # [chunk, N]
 
     if num_chunks == 1:
       out = run(0)

@@ -127,11 +127,20 @@ class ActivationRule:
   rule can read a slope or threshold by evaluating it: e.g. leaky ReLU's slope is ``-op(-1)``.
   Built-in rules may also accept the backward pass ``options`` (``relax(l, u, op, options)``) when
   ``takes_options`` is set.
+
+  An *optimisable* relaxation (α-CROWN) adds ``relax_with(l, u, op, alpha) -> LinearBounds``, sound
+  for every ``alpha`` in ``alpha_range`` element-wise, where ``alpha`` has shape ``[P, R, *l.shape]``
+  (``P`` parameters per element, one set per bound row ``R``), and ``alpha_init(l, u, op) -> [P,
+  *l.shape]`` (with ``options`` too when ``takes_options``), the parameters at which
+  ``relax_with`` gives ``relax``'s bounds, so that α-CROWN starts from CROWN.
   """
 
   ibp_fn: Callable[..., Any]
   relax_fn: Callable[..., LinearBounds] | None = None
   takes_options: bool = False
+  relax_with_fn: Callable[..., LinearBounds] | None = None
+  alpha_init_fn: Callable[..., Any] | None = None
+  alpha_range: tuple[float, float] = (0.0, 1.0)
   kind = "activation"
 
   def _single(self, args, params, evaluate):
@@ -161,6 +170,20 @@ class ActivationRule:
     extra = (options,) if self.takes_options else ()
     return Relaxation(index, LinearBounds(*self.relax_fn(box.lower, box.upper, op, *extra)))
 
+  # The optional α-CROWN protocol (any rule may implement it): ``alpha_init`` returns the starting
+  # parameters ``[P, N, ...]``, or None where there is nothing to optimise; ``relax_with`` the
+  # relaxation at ``alpha [P, R, N, ...]``; ``alpha_range`` the box they are projected onto.
+  def alpha_init(self, args, params, evaluate, options):
+    if self.relax_fn is None or self.relax_with_fn is None or self.alpha_init_fn is None:
+      return None
+    _, box, op = self._single(args, params, evaluate)
+    extra = (options,) if self.takes_options else ()
+    return self.alpha_init_fn(box.lower, box.upper, op, *extra)
+
+  def relax_with(self, args, params, evaluate, options, alpha):
+    index, box, op = self._single(args, params, evaluate)
+    return Relaxation(index, LinearBounds(*self.relax_with_fn(box.lower, box.upper, op, alpha)))
+
 
 @dataclasses.dataclass(frozen=True)
 class IntervalRule:
@@ -184,12 +207,21 @@ def affine_rule(ibp, affine_if=None, batch_rule=None) -> AffineRule:
   return AffineRule(ibp, affine_if, batch_rule)
 
 
-def activation_rule(ibp, relax=None) -> ActivationRule:
+def activation_rule(
+  ibp, relax=None, *, relax_with=None, alpha_init=None, alpha_range=(0.0, 1.0)
+) -> ActivationRule:
   """A rule for an element-wise nonlinearity (see :class:`ActivationRule`).
 
   Without ``relax`` the CROWN backward pass falls back to the interval bounds at this node.
+  ``relax_with``/``alpha_init``/``alpha_range`` make the relaxation optimisable by α-CROWN.
   """
-  return ActivationRule(ibp, relax)
+  if (relax_with is None) != (alpha_init is None):
+    raise ValueError("an optimisable relaxation needs both relax_with and alpha_init")
+  if relax_with is not None and relax is None:
+    raise ValueError("relax_with needs relax (the relaxation CROWN uses, at alpha_init)")
+  return ActivationRule(
+    ibp, relax, relax_with_fn=relax_with, alpha_init_fn=alpha_init, alpha_range=alpha_range
+  )
 
 
 def interval_rule(ibp, batch_rule=None) -> IntervalRule:

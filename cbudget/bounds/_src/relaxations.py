@@ -171,7 +171,7 @@ def hard_tanh_relaxation(l, u, slope_choice="adaptive") -> LinearBounds:
   return _unknown_where_nan(LinearBounds(lo_slope, lo_offset, up_slope, up_offset), l, u)
 
 
-def s_shaped_relaxation(l, u, f, df, iterations: int = 30) -> LinearBounds:
+def s_shaped_relaxation(l, u, f, df, iterations: int = 30, alpha=None) -> LinearBounds:
   """Linear bounds of an increasing ``f`` convex on ``z <= 0`` and concave on ``z >= 0`` (sigmoid, tanh).
 
   * ``u <= 0`` (convex): chord above; below, the tangent at the midpoint of ``[l, u]``.
@@ -187,6 +187,12 @@ def s_shaped_relaxation(l, u, f, df, iterations: int = 30) -> LinearBounds:
     exists and the chord is an upper bound (its slope is below ``f'(u)``); that chord is the tangent
     at ``d* = u`` in the limit, so this switch is continuous too. The lower bound mirrors this with
     ``psi(d) = f(d) + f'(d)(u - d) - f(u)`` on ``[l, 0]``, keeping the end with ``psi <= 0``.
+
+  ``alpha`` (α-CROWN; ``[2, ...]`` in [0, 1], broadcasting against ``l``, e.g. ``[2, R, *l.shape]``)
+  moves the lower tangent point to ``a d + (1 - a) l`` and the upper one to ``a d + (1 - a) u``
+  (``a = 1``: the points above). Still sound: a tangent point in ``[l, u]`` where ``f`` is convex
+  (concave) on ``[l, u]`` gives a lower (upper) bound, and across 0 ``phi`` increases on ``d >= 0``
+  (``psi`` on ``d <= 0``), so ``phi >= 0`` (``psi <= 0``) holds from ``d*`` to ``u`` (``l``).
 
   The tangent points ``d*`` have no gradient (they are found by bisection); the bounds stay sound.
   Numerics: midpoints are ``l/2 + u/2`` and differences are taken of halves, so nothing overflows
@@ -233,6 +239,9 @@ def s_shaped_relaxation(l, u, f, df, iterations: int = 30) -> LinearBounds:
   d_lo = jnp.where(mixed, lax.stop_gradient(d_lo), 0)
   d_up = jnp.maximum(d_up, jnp.maximum(lf, 0) / 2 + uf / 2)  # midpoint of the concave part
   d_lo = jnp.minimum(d_lo, lf / 2 + jnp.minimum(uf, 0) / 2)  # midpoint of the convex part
+  if alpha is not None:  # α-CROWN: tangent points between these and the far ends (see below)
+    d_lo = alpha[0] * d_lo + (1 - alpha[0]) * lf
+    d_up = alpha[1] * d_up + (1 - alpha[1]) * uf
   up_tangent = df(d_up)
   up_tangent_offset = f(d_up) - up_tangent * d_up
   lo_tangent = df(d_lo)
@@ -262,3 +271,53 @@ def sigmoid_relaxation(l, u) -> LinearBounds:
 
 def tanh_relaxation(l, u) -> LinearBounds:
   return s_shaped_relaxation(l, u, jnp.tanh, lambda z: 1 - jnp.tanh(z) ** 2)
+
+
+def s_shaped_alpha_init(l, u):
+  """The parameters ``[2, *l.shape]`` at which ``s_shaped_relaxation(..., alpha)`` is CROWN's."""
+  return jnp.ones((2,) + jnp.shape(l), jnp.result_type(l))
+
+
+def sigmoid_relaxation_with(l, u, alpha) -> LinearBounds:
+  s = jax.nn.sigmoid
+  return s_shaped_relaxation(l, u, s, lambda z: s(z) * (1 - s(z)), alpha=alpha)
+
+
+def tanh_relaxation_with(l, u, alpha) -> LinearBounds:
+  return s_shaped_relaxation(l, u, jnp.tanh, lambda z: 1 - jnp.tanh(z) ** 2, alpha=alpha)
+
+
+def kink_alpha_init(bounds: LinearBounds, left, right):
+  """The parameter ``[1, *shape]`` at which :func:`with_kink_support` keeps ``bounds``' supporting
+  line at the kink: its slope is ``left + alpha (right - left)``."""
+  convex = left <= right
+  slope = jnp.where(convex, bounds.lower_slope, bounds.upper_slope)
+  span = right - left
+  alpha = _safe_div(slope - left, span, span != 0)
+  return jnp.clip(alpha, 0, 1)[None]
+
+
+def with_kink_support(
+  bounds: LinearBounds, l, u, left, right, alpha, kink=0.0, value_at_kink=0.0, active=True
+):
+  """``bounds`` of a two-piece linear ``f`` (slopes ``left`` then ``right``, kink at ``kink`` where
+  ``f(kink) = value_at_kink``) on ``[l, u]``, with the supporting line at the kink given slope
+  ``left + alpha (right - left)``.
+
+  Where the kink is inside (``l < kink < u``, and ``active``), a line through ``(kink, f(kink))``
+  with a slope between ``left`` and ``right`` bounds ``f`` from below if it is convex (``left <=
+  right``), from above if concave: it is a supporting line (the slope is a subgradient). Elsewhere
+  ``bounds`` are kept. ``alpha`` (in [0, 1]) may carry leading row axes; the replaced side then
+  has them.
+  """
+  dtype = jnp.result_type(l)
+  left, right = jnp.asarray(left, dtype), jnp.asarray(right, dtype)
+  slope = left + alpha * (right - left)
+  convex = left <= right
+  offset = value_at_kink - slope * kink
+  inside = (l < kink) & (u > kink) & active
+  lower_slope = jnp.where(inside & convex, slope, bounds.lower_slope)
+  lower_offset = jnp.where(inside & convex, offset, bounds.lower_offset)
+  upper_slope = jnp.where(inside & ~convex, slope, bounds.upper_slope)
+  upper_offset = jnp.where(inside & ~convex, offset, bounds.upper_offset)
+  return LinearBounds(lower_slope, lower_offset, upper_slope, upper_offset)
