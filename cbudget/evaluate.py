@@ -21,7 +21,7 @@ from cbudget import budgets as budgets_lib
 from cbudget import data, metrics
 from cbudget.attacks import pgd_error
 from cbudget.model import CertifiedModel, Variables
-from cbudget.objective import EVAL_METHODS
+from cbudget.objective import DEFAULT_EVAL_METHODS, EVAL_METHODS
 from cbudget.train import Setup, TrainConfig, TrainState, config_from_dict, init_state, make_setup
 from cbudget.workdir import Manager, read_config
 
@@ -83,7 +83,7 @@ def certify(
   test_set: data.Dataset,
   eps0: float,
   *,
-  methods=EVAL_METHODS,
+  methods=DEFAULT_EVAL_METHODS,
   batch_size: int = 100,
   pgd_steps: int = 20,
   pgd_restarts: int = 1,
@@ -133,8 +133,8 @@ def certify(
     pgd_wrong.append(np.asarray(attack(variables, x, y, eps, sub)))
     for m in methods:
       k = len(y)
-      if m == "crown" and crown_examples is not None:
-        k = min(k, crown_examples - done)  # full CROWN on the first crown_examples only
+      if m in ("crown", "alpha-crown") and crown_examples is not None:
+        k = min(k, crown_examples - done)  # the per-neuron methods on the first examples only
         if k <= 0:
           continue
       xk, epsk, yk = x[:k], eps[:k], y[:k]

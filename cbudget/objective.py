@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cbudget.bounds import Box, crown, crown_ibp, ibp
+from cbudget.bounds import Box, alpha_crown, crown, crown_ibp, ibp
 
 TRAIN_METHODS = ("ibp", "crown-ibp")
-EVAL_METHODS = ("ibp", "crown-ibp", "crown")
+EVAL_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+DEFAULT_EVAL_METHODS = EVAL_METHODS[:3]  # α-CROWN is slow: evaluation runs it only when asked
 
 
 def margin_spec(labels, num_classes: int, dtype=jnp.float32):
@@ -59,21 +60,19 @@ def margin_lower_bounds(
 
   ``crown-ibp`` mixes ``beta * CROWN-IBP + (1 - beta) * IBP`` (Zhang et al. 2020): any convex
   combination of two lower bounds is a lower bound. ``crown_chunk_size`` or
-  ``crown_memory_limit`` (bytes) cap the work of one backward pass of full CROWN (memory).
+  ``crown_memory_limit`` (bytes) cap the work of one backward pass of full CROWN and α-CROWN
+  (memory).
   """
   if method == "ibp":
     return ibp(logits_fn)(variables, box, spec).lower
   if method == "crown-ibp":
     both = crown_ibp(logits_fn, need_upper=False)(variables, box, spec)  # one IBP forward pass
     return beta * both.crown.lower + (1 - beta) * both.ibp.lower
-  if method == "crown":
-    return crown(
-      logits_fn,
-      "crown",
-      chunk_size=crown_chunk_size,
-      memory_limit=crown_memory_limit,
-      need_upper=False,
-    )(variables, box, spec).lower
+  if method in ("crown", "alpha-crown"):
+    memory = dict(chunk_size=crown_chunk_size, memory_limit=crown_memory_limit, need_upper=False)
+    if method == "crown":
+      return crown(logits_fn, "crown", **memory)(variables, box, spec).lower
+    return alpha_crown(logits_fn, **memory)(variables, box, spec).lower
   raise ValueError(f"unknown bound method {method!r}; choose one of {EVAL_METHODS}")
 
 

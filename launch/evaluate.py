@@ -15,7 +15,9 @@ from launch.common import run_main
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The --workdir of a training run.", required=True)
 flags.DEFINE_integer("num_examples", 1000, "Evaluate the first N test examples (all: 0).")
-flags.DEFINE_list("methods", ["ibp", "crown-ibp", "crown"], "Bound methods to certify with.")
+flags.DEFINE_list(
+  "methods", ["ibp", "crown-ibp", "crown"], "Bound methods: ibp, crown-ibp, crown, alpha-crown."
+)
 flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
 flags.DEFINE_integer("pgd_steps", 20, "PGD steps.")
 flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
