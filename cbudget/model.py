@@ -67,13 +67,14 @@ class CertifiedModel:
     generator: str = "coarse",
     per_pixel: bool = True,
     budget_range: tuple[float, float] | None = None,
+    volume: str = "nominal",
   ) -> CertifiedModel:
     """The model of a run, by names; the dataset's facts give the classes and normalisation."""
     facts = data.info(dataset)
     return cls(
       classifiers.get_classifier(classifier, facts.num_classes, mean=facts.mean, std=facts.std),
       generators.budget_model(budget, generator, per_pixel),
-      make_budget_config(budget, budget_range, per_pixel),
+      make_budget_config(budget, budget_range, per_pixel, volume),
       facts.num_classes,
     )
 
@@ -98,7 +99,7 @@ class CertifiedModel:
     raw = None
     if self.budget_model is not None:
       raw = self.budget_model.apply({"params": params["budget"]}, x)
-    return budgets(self.budget_config, eps0, raw, x.shape)
+    return budgets(self.budget_config, eps0, raw, x.shape, x=x)
 
   def box(self, x, eps) -> Box:
     """The threat model: ``[x - eps, x + eps] ∩ [0, 1]``."""
