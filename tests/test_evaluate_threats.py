@@ -127,3 +127,27 @@ def test_launcher_threat_flag(trained_run, tmp_path):
   assert "threat uniform:0.05" in out.stdout and "best per example" in out.stdout
   results = json.loads((work / "eval-uniform_0.05.json").read_text())
   assert results["threat"] == "uniform:0.05" and not (work / "budgets.png").exists()
+
+
+def test_cross_evaluation_matrix(trained_run):
+  from launch.cross_evaluate import cross_evaluate, markdown, threats_for
+
+  models = {"ctx": trained_run.workdir}
+  columns = threats_for(models)
+  a = trained_run.budget_range[0]
+  assert columns == {
+    "own": "own",
+    "uniform 0.1": "uniform:0.1",
+    f"uniform {a:g}·ε₀": f"uniform:{a * 0.1}",
+    "ctx's budgets": f"budgets:{trained_run.workdir}",
+  }
+  matrix = cross_evaluate(models, num_examples=8, methods=("ibp",), batch_size=8, pgd_steps=2)
+  row = matrix["ctx"]
+  assert row["own"]["certified_error"] == row["ctx's budgets"]["certified_error"]
+  # the floor a·ε₀ is inside ε₀'s box: never harder to certify
+  assert (
+    row[f"uniform {a:g}·ε₀"]["common"]["certified_error"]["ibp"]
+    <= (row["uniform 0.1"]["common"]["certified_error"]["ibp"])
+  )
+  table = markdown(matrix, "ibp")
+  assert table.count("\n") == 5 and "| ctx | " in table
