@@ -15,11 +15,16 @@ from absl import flags
 from launch.common import run_main
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("workdirs", None, "name=WORKDIR pairs, one per model.", required=True)
-flags.DEFINE_string("out", "results/cross", "Output path without extension (.json and .md).")
-flags.DEFINE_integer("num_examples", 1000, "Test examples (the same for every cell).")
-flags.DEFINE_list("methods", ["ibp", "crown-ibp"], "Certification methods.")
-flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
+
+
+def define_flags():
+  """The launcher's flags (defined only when run, so that importing the module for its functions
+  does not clash with other launchers' flags of the same names)."""
+  flags.DEFINE_list("workdirs", None, "name=WORKDIR pairs, one per model.", required=True)
+  flags.DEFINE_string("out", "results/cross", "Output path without extension (.json and .md).")
+  flags.DEFINE_integer("num_examples", 1000, "Test examples (the same for every cell).")
+  flags.DEFINE_list("methods", ["ibp", "crown-ibp"], "Certification methods.")
+  flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
 
 
 def threats_for(models: dict[str, str]) -> dict[str, str]:
@@ -88,4 +93,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   run_main(main)
