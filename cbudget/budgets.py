@@ -50,7 +50,8 @@ __all__ = [
   "budget_stats",
 ]
 
-BUDGET_MODES = ("uniform", "global", "contextual")
+# oracle: budgets from the true relevance mask (a reference; cbudget.models.generators.OracleBudget)
+BUDGET_MODES = ("uniform", "global", "contextual", "oracle")
 VOLUMES = ("nominal", "effective")
 DOMAIN_WIDTH = 1.0  # pixels lie in [0, 1]; no budget is larger than the domain
 

@@ -71,9 +71,12 @@ class CertifiedModel:
   ) -> CertifiedModel:
     """The model of a run, by names; the dataset's facts give the classes and normalisation."""
     facts = data.info(dataset)
+    slot_shape = None
+    if budget == "oracle" and dataset in ("mnist_canvas", "cifar_canvas"):
+      slot_shape = data.info(facts.base).shape[:2]  # one slot holds one image of the base data
     return cls(
       classifiers.get_classifier(classifier, facts.num_classes, mean=facts.mean, std=facts.std),
-      generators.budget_model(budget, generator, per_pixel),
+      generators.budget_model(budget, generator, per_pixel, slot_shape),
       make_budget_config(budget, budget_range, per_pixel, volume),
       facts.num_classes,
     )
@@ -84,7 +87,8 @@ class CertifiedModel:
     variables = self.classifier.init(k_cls, example, train=False)
     params = {"classifier": variables["params"], "budget": None}
     if self.budget_model is not None:
-      params["budget"] = self.budget_model.init(k_gen, example)["params"]
+      # an empty dict for a budget model without parameters (the oracle)
+      params["budget"] = self.budget_model.init(k_gen, example).get("params", {})
     return Variables(params, variables.get("batch_stats"))
 
   def classifier_variables(self, variables: Variables) -> dict:
