@@ -217,8 +217,15 @@ def clipped_half_width(eps, x):
   end, then 1/2) rather than as ``(min(x + eps, 1) - max(x - eps, 0)) / 2``: the two agree, but
   the difference would round a tiny ``eps`` next to a large ``x`` to 0, and its log to ``-inf``.
   """
-  near = jnp.minimum(x, 1.0 - x)
-  far = jnp.maximum(x, 1.0 - x)
+  return _half_width(eps, *_domain_distances(x))
+
+
+def _domain_distances(x):
+  """Distances from ``x`` to the nearer and the farther end of [0, 1]."""
+  return jnp.minimum(x, 1.0 - x), jnp.maximum(x, 1.0 - x)
+
+
+def _half_width(eps, near, far):
   return jnp.where(eps <= near, eps, jnp.where(eps <= far, 0.5 * (eps + near), 0.5))
 
 
@@ -233,9 +240,9 @@ def _log_half_width_partials(u, x):
   return jnp.log(h), d_u, d_x
 
 
-def _mean_log_half_width(v, x):
-  """Row means ``[B]`` of ``log h(exp(v_i), x_ic)``; ``v [B, d]``, ``x [B, d, k]``."""
-  return jnp.mean(jnp.log(clipped_half_width(jnp.exp(v)[..., None], x)), axis=(1, 2))
+def _per_element(v, k: int):
+  """``[B, d]`` values repeated to the ``[B, d k]`` elements that share them (pixel-major)."""
+  return v if k == 1 else jnp.repeat(v, k, axis=1)
 
 
 def _solve_effective_rows(r, x, t, lo, hi):
@@ -251,11 +258,19 @@ def _solve_effective_rows(r, x, t, lo, hi):
   segment to solve on: the bisection itself is the solve.
   """
   lo_c, hi_c = lo[:, None], hi[:, None]
+  # One [B, d] slice per element sharing a budget (channel), distances computed once: XLA:CPU ran
+  # the bisection 9x slower on [B, d, k] arrays reduced over two axes (and 4x on repeated budgets).
+  near, far = _domain_distances(jnp.moveaxis(x, 2, 0))
+
+  def mean_log_half_width(tau):
+    eps = jnp.exp(jnp.clip(r + tau[:, None], lo_c, hi_c))
+    logs = [jnp.mean(jnp.log(_half_width(eps, n, f)), axis=1) for n, f in zip(near, far)]
+    return sum(logs) / len(logs)
 
   def halve(_, bracket):
     a, b = bracket
     m = 0.5 * (a + b)
-    below = _mean_log_half_width(jnp.clip(r + m[:, None], lo_c, hi_c), x) < t
+    below = mean_log_half_width(m) < t
     return jnp.where(below, m, a), jnp.where(below, b, m)
 
   a = lo - jnp.max(r, axis=-1)
@@ -297,15 +312,16 @@ def _project_effective_rows_jvp(primals, tangents):
   at_lo = v <= lo_c
   at_hi = (v >= hi_c) & ~at_lo
   free = ~(at_lo | at_hi)
-  _, d_u, d_x = _log_half_width_partials(v[..., None], x)
-  weight = jnp.sum(d_u, axis=-1)  # W_i
+  batch, d, k = x.shape
+  _, d_u, d_x = _log_half_width_partials(_per_element(v, k), x.reshape(batch, d * k))
+  weight = jnp.sum(d_u.reshape(batch, d, k), axis=-1)  # W_i
   w_free = jnp.sum(jnp.where(free, weight, 0.0), axis=-1)
   numer = (
     size * dt_
     - jnp.sum(jnp.where(free, weight * dr, 0.0), axis=-1)
     - dlo * jnp.sum(jnp.where(at_lo, weight, 0.0), axis=-1)
     - dhi * jnp.sum(jnp.where(at_hi, weight, 0.0), axis=-1)
-    - jnp.sum(d_x * dx, axis=(1, 2))
+    - jnp.sum(d_x * dx.reshape(batch, d * k), axis=1)
   )
   has_slope = w_free > 0
   dtau = jnp.where(has_slope, numer / jnp.where(has_slope, w_free, 1.0), 0.0)
