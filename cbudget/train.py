@@ -97,10 +97,11 @@ def validate(config: TrainConfig):
     )
   if config.method not in TRAIN_METHODS:
     raise ValueError(f"--method={config.method!r} cannot train; choose one of {TRAIN_METHODS}")
-  if not 0 < config.eps <= budgets_lib.DOMAIN_WIDTH:
+  if not config.eps > 0:
+    raise ValueError(f"--eps must be > 0 (the target ε₀), got {config.eps}")
+  if config.eps > budgets_lib.DOMAIN_WIDTH:
     raise ValueError(
-      f"--eps must be in (0, {budgets_lib.DOMAIN_WIDTH}] (the target ε₀; pixels lie in [0, 1]), "
-      f"got {config.eps}"
+      f"--eps must be <= {budgets_lib.DOMAIN_WIDTH} (pixels lie in [0, 1]), got {config.eps}"
     )
   budgets_lib.make_budget_config(
     config.budget, config.budget_range, config.per_pixel, config.volume
