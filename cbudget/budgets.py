@@ -9,13 +9,19 @@ Vocabulary
   dimension* ``mean_i log eps_i`` and report it as the *equivalent uniform
   eps* ``exp(mean_i log eps_i)`` (the uniform budget with the same volume).
 * **Range constraint**: ``eps_min <= eps_i <= eps_max`` with
-  ``eps_min = a * eps0`` and ``eps_max = b * eps0``, ``0 < a <= 1 <= b``.
+  ``eps_min = a * eps0`` and ``eps_max = min(b * eps0, 1)``, ``0 < a <= 1 <= b``.  Budgets are
+  capped at the width of the domain [0, 1]: a larger one changes nothing in the clipped box and
+  would only buy volume that does not exist.
+* **Volume** (``BudgetConfig.volume``): ``'nominal'`` constrains ``mean_i log eps_i`` to
+  ``log eps0``; ``'effective'`` constrains the mean log of the *clipped* half-widths
+  ``h_i = (min(x_i + eps_i, 1) - max(x_i - eps_i, 0)) / 2`` to that of a uniform ``eps0`` on the
+  same image, so a budget cannot gain volume from the part of its box the domain cuts off.
 
 The budget model (a generator, or a learned global map: ``cbudget.models.generators``) decides
 the *shape* of the budget as raw log-budgets; the scalar ``eps0`` (from a schedule) sets the
-*scale*.  :func:`budgets` combines the two with :func:`project_rows`, an exact shift-and-clip
-projection that enforces ``mean log eps == log eps0`` and the range constraint, and that is
-differentiable with its true (almost everywhere) Jacobian.
+*scale*.  :func:`budgets` combines the two with :func:`project_rows` (nominal volume) or
+:func:`project_effective_rows` (effective volume): exact shift-and-clip projections that enforce
+the volume and the range constraint, differentiable with their true (almost everywhere) Jacobians.
 """
 
 from __future__ import annotations
@@ -38,11 +44,16 @@ __all__ = [
   "BUDGET_MODES",
   "make_budget_config",
   "project_rows",
+  "project_effective_rows",
+  "clipped_half_width",
   "budgets",
   "budget_stats",
 ]
 
-BUDGET_MODES = ("uniform", "global", "contextual")
+# oracle: budgets from the true relevance mask (a reference; cbudget.models.generators.OracleBudget)
+BUDGET_MODES = ("uniform", "global", "contextual", "oracle")
+VOLUMES = ("nominal", "effective")
+DOMAIN_WIDTH = 1.0  # pixels lie in [0, 1]; no budget is larger than the domain
 
 
 class BudgetRangeError(ValueError):
@@ -195,6 +206,134 @@ def _project_rows_jvp(primals, tangents):
 
 
 # ----------------------------------------------------------------------------
+# Exact projection onto an effective (clipped-box) log-volume
+# ----------------------------------------------------------------------------
+
+
+def clipped_half_width(eps, x):
+  """Half-width of ``[x - eps, x + eps] ∩ [0, 1]`` for ``x in [0, 1]``, ``eps >= 0``.
+
+  Written piecewise (``eps`` up to the nearer domain end, then ``(eps + m) / 2`` until the farther
+  end, then 1/2) rather than as ``(min(x + eps, 1) - max(x - eps, 0)) / 2``: the two agree, but
+  the difference would round a tiny ``eps`` next to a large ``x`` to 0, and its log to ``-inf``.
+  """
+  return _half_width(eps, *_domain_distances(x))
+
+
+def _domain_distances(x):
+  """Distances from ``x`` to the nearer and the farther end of [0, 1]."""
+  return jnp.minimum(x, 1.0 - x), jnp.maximum(x, 1.0 - x)
+
+
+def _half_width(eps, near, far):
+  return jnp.where(eps <= near, eps, jnp.where(eps <= far, 0.5 * (eps + near), 0.5))
+
+
+def _log_half_width_partials(u, x):
+  """``log h`` and its partial derivatives w.r.t. ``u = log eps`` and ``x`` (a.e.)."""
+  eps = jnp.exp(u)
+  h = clipped_half_width(eps, x)
+  upper_free = (x + eps < 1.0).astype(h.dtype)  # the box's upper end is inside the domain
+  lower_free = (x - eps > 0.0).astype(h.dtype)
+  d_u = eps * 0.5 * (upper_free + lower_free) / h
+  d_x = 0.5 * (upper_free - lower_free) / h
+  return jnp.log(h), d_u, d_x
+
+
+def _per_element(v, k: int):
+  """``[B, d]`` values repeated to the ``[B, d k]`` elements that share them (pixel-major)."""
+  return v if k == 1 else jnp.repeat(v, k, axis=1)
+
+
+def _solve_effective_rows(r, x, t, lo, hi):
+  """``v = clip(r + tau, lo, hi)`` with ``mean log h(exp(v), x) == t``, row-wise.
+
+  ``g(tau) = mean log h`` is continuous and nondecreasing in ``tau`` (each clipped half-width is
+  nondecreasing in its budget), from ``g(lo - max r)`` (every budget at ``lo``) to
+  ``g(hi - min r)`` (every budget at ``hi``); the target lies in between when ``lo <= log eps0 <=
+  hi`` (a uniform ``eps0`` is one point of the set). Bisection on that bracket runs down to the
+  float resolution of ``tau`` (24 + mantissa bits halvings, as :func:`_solve_rows`); since
+  ``|dg/dtau| <= 1``, the mean is then within one ulp of ``tau`` of the target. ``g`` is not
+  piecewise linear here (``log((eps + m) / 2)`` between the domain ends), so there is no linear
+  segment to solve on: the bisection itself is the solve.
+  """
+  lo_c, hi_c = lo[:, None], hi[:, None]
+  # One [B, d] slice per element sharing a budget (channel), distances computed once: XLA:CPU ran
+  # the bisection 9x slower on [B, d, k] arrays reduced over two axes (and 4x on repeated budgets).
+  near, far = _domain_distances(jnp.moveaxis(x, 2, 0))
+
+  def mean_log_half_width(tau):
+    eps = jnp.exp(jnp.clip(r + tau[:, None], lo_c, hi_c))
+    logs = [jnp.mean(jnp.log(_half_width(eps, n, f)), axis=1) for n, f in zip(near, far)]
+    return sum(logs) / len(logs)
+
+  def halve(_, bracket):
+    a, b = bracket
+    m = 0.5 * (a + b)
+    below = mean_log_half_width(m) < t
+    return jnp.where(below, m, a), jnp.where(below, b, m)
+
+  a = lo - jnp.max(r, axis=-1)
+  b = hi - jnp.min(r, axis=-1)
+  a, b = jax.lax.fori_loop(0, 24 + jnp.finfo(r.dtype).nmant, halve, (a, b))
+  return jnp.clip(r + b[:, None], lo_c, hi_c)  # b: the end with g(b) >= t
+
+
+@jax.custom_jvp
+def project_effective_rows(r, x, t, lo, hi):
+  """Shift-and-clip projection onto an exact *effective* log-volume.
+
+  ``v = clip(r + tau, lo, hi)`` (log-budgets, ``[B, d]``) with one shift ``tau`` per row such that
+  the mean over ``i`` and ``c`` of ``log h(exp(v_i), x[:, i, c])`` equals ``t`` (``[B]``), where
+  ``h`` is the :func:`clipped_half_width`. ``x`` is ``[B, d, k]``: the ``k`` input elements that
+  share budget ``i`` (the channels of a pixel, or ``k = 1``). ``lo, hi`` are ``[B]``.
+
+  Gradients use the true Jacobian by implicit differentiation (nothing is differentiated through
+  the bisection). With F the unclipped set, L / U the sets at ``lo`` / ``hi``,
+  ``W_i = sum_c dlog h_ic / dv_i`` and ``D = d k``:
+
+      dtau = (D dt - sum_F W dr - dlo sum_L W - dhi sum_U W - sum_ic dlog h_ic/dx_ic dx_ic)
+             / sum_F W,
+      dv_i = dr_i + dtau (i in F),  dlo (i in L),  dhi (i in U).
+
+  Where ``sum_F W == 0`` (every free budget already covers the whole domain: ``g`` is flat in
+  ``tau``) the shift is locally arbitrary; ``dtau = 0`` is used there.
+  """
+  return _solve_effective_rows(r, x, t, lo, hi)
+
+
+@project_effective_rows.defjvp
+def _project_effective_rows_jvp(primals, tangents):
+  r, x, t, lo, hi = primals
+  dr, dx, dt_, dlo, dhi = tangents
+  v = project_effective_rows(r, x, t, lo, hi)
+  size = x.shape[1] * x.shape[2]
+  lo_c, hi_c = lo[:, None], hi[:, None]
+  at_lo = v <= lo_c
+  at_hi = (v >= hi_c) & ~at_lo
+  free = ~(at_lo | at_hi)
+  batch, d, k = x.shape
+  _, d_u, d_x = _log_half_width_partials(_per_element(v, k), x.reshape(batch, d * k))
+  weight = jnp.sum(d_u.reshape(batch, d, k), axis=-1)  # W_i
+  w_free = jnp.sum(jnp.where(free, weight, 0.0), axis=-1)
+  numer = (
+    size * dt_
+    - jnp.sum(jnp.where(free, weight * dr, 0.0), axis=-1)
+    - dlo * jnp.sum(jnp.where(at_lo, weight, 0.0), axis=-1)
+    - dhi * jnp.sum(jnp.where(at_hi, weight, 0.0), axis=-1)
+    - jnp.sum(d_x * dx.reshape(batch, d * k), axis=1)
+  )
+  has_slope = w_free > 0
+  dtau = jnp.where(has_slope, numer / jnp.where(has_slope, w_free, 1.0), 0.0)
+  dv = (
+    jnp.where(free, dr + dtau[:, None], 0.0)
+    + jnp.where(at_lo, dlo[:, None], 0.0)
+    + jnp.where(at_hi, dhi[:, None], 0.0)
+  )
+  return v, dv.astype(v.dtype)
+
+
+# ----------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------
 
@@ -211,6 +350,8 @@ class BudgetConfig:
     ratio_max: ``b`` with ``eps_max = b * eps0``, ``b >= 1``.
     per_pixel: one budget per pixel shared by all channels (raw maps have one
       channel) instead of one per element.
+    volume: ``'nominal'`` (``mean log eps == log eps0``) or ``'effective'`` (the mean log of the
+      clipped half-widths equals a uniform ``eps0``'s on the same image).
 
   Validated on construction (see :func:`make_budget_config`).
   """
@@ -219,12 +360,15 @@ class BudgetConfig:
   ratio_min: float = 1.0
   ratio_max: float = 1.0
   per_pixel: bool = True
+  volume: str = "nominal"
 
   def __post_init__(self):
     if self.mode not in BUDGET_MODES:
       raise BudgetRangeError(
         f"unknown budget mode {self.mode!r}; valid modes: {', '.join(BUDGET_MODES)}"
       )
+    if self.volume not in VOLUMES:
+      raise BudgetRangeError(f"unknown volume {self.volume!r}; choose one of {', '.join(VOLUMES)}")
     a, b = self.ratio_min, self.ratio_max
     try:
       a, b = float(a), float(b)
@@ -246,7 +390,10 @@ class BudgetConfig:
 
 
 def make_budget_config(
-  mode: str, budget_range: tuple[float, float] | None = None, per_pixel: bool = True
+  mode: str,
+  budget_range: tuple[float, float] | None = None,
+  per_pixel: bool = True,
+  volume: str = "nominal",
 ) -> BudgetConfig:
   """Validated :class:`BudgetConfig`.
 
@@ -256,6 +403,7 @@ def make_budget_config(
       Required for 'global' and 'contextual'; optional (and unused) for
       'uniform', where it defaults to ``(1, 1)``.
     per_pixel: share one budget across the channels of each pixel.
+    volume: 'nominal' or 'effective' (see :class:`BudgetConfig`).
 
   Raises:
     BudgetRangeError: unknown mode, missing range for a learned mode,
@@ -273,7 +421,7 @@ def make_budget_config(
     a, b = budget_range
   except (TypeError, ValueError) as e:
     raise BudgetRangeError(f"budget_range must be a pair (a, b), got {budget_range!r}") from e
-  return BudgetConfig(mode=mode, ratio_min=a, ratio_max=b, per_pixel=per_pixel)
+  return BudgetConfig(mode=mode, ratio_min=a, ratio_max=b, per_pixel=per_pixel, volume=volume)
 
 
 # ----------------------------------------------------------------------------
@@ -281,15 +429,19 @@ def make_budget_config(
 # ----------------------------------------------------------------------------
 
 
-def budgets(config: BudgetConfig, eps0, raw_log_budgets, input_shape: Sequence[int]) -> jax.Array:
+def budgets(
+  config: BudgetConfig, eps0, raw_log_budgets, input_shape: Sequence[int], x=None
+) -> jax.Array:
   """Per-element budgets ``eps`` of shape ``input_shape`` with exact volume.
 
-  For every example ``n``: ``mean_i log eps[n, i] == log eps0[n]`` and
-  ``a*eps0 <= eps <= b*eps0``.
+  For every example ``n``: ``a*eps0 <= eps <= min(b*eps0, 1)`` and, with nominal volume,
+  ``mean_i log eps[n, i] == log eps0[n]``; with effective volume, the mean log of the clipped
+  half-widths on ``x[n]`` equals that of a uniform ``eps0[n]`` (:func:`project_effective_rows`).
+  ``eps0`` must be at most 1 (the domain width), else the range is infeasible.
 
   * uniform: ``eps = eps0`` everywhere (exactly; ``raw_log_budgets`` ignored).
-  * global / contextual: ``log eps = project_rows(raw, log eps0,
-    log(a eps0), log(b eps0))`` per example.  Computed through the scale identity
+  * global / contextual, nominal volume: ``log eps = project_rows(raw, log eps0,
+    log(a eps0), min(log(b eps0), 0))`` per example.  Computed through the scale identity
 
         clip(raw + tau, log a + log eps0, log b + log eps0)
             = log eps0 + clip(raw + tau', log a, log b),   tau' = tau - log eps0,
@@ -310,6 +462,7 @@ def budgets(config: BudgetConfig, eps0, raw_log_budgets, input_shape: Sequence[i
     raw_log_budgets: ``[N, ..., 1]`` (per_pixel) or ``[N, ...]`` raw
       log-budgets (any batch axis broadcastable to N), or None in uniform mode.
     input_shape: the full input shape ``[N, ...]`` including the batch axis.
+    x: the inputs (``input_shape``, in [0, 1]); needed for effective volume only.
   """
   input_shape = tuple(int(s) for s in input_shape)
   if len(input_shape) < 1:
@@ -322,10 +475,12 @@ def budgets(config: BudgetConfig, eps0, raw_log_budgets, input_shape: Sequence[i
   c = _concrete(eps0)
   if c is not None and (np.any(c < 0) or np.any(np.isnan(c))):
     raise ValueError(f"eps0 must be >= 0, got {c}")
+  if c is not None and np.any(c > DOMAIN_WIDTH):
+    raise ValueError(f"eps0 must be <= {DOMAIN_WIDTH} (the width of the domain [0, 1]), got {c}")
   scale = jnp.broadcast_to(eps0, (n,)).reshape((n,) + (1,) * (len(input_shape) - 1))
 
   if config.mode == "uniform":
-    return jnp.broadcast_to(scale, input_shape)
+    return jnp.broadcast_to(jnp.minimum(scale, DOMAIN_WIDTH), input_shape)
 
   if raw_log_budgets is None:
     raise ValueError(f"budget mode {config.mode!r} needs raw_log_budgets (got None)")
@@ -344,23 +499,56 @@ def budgets(config: BudgetConfig, eps0, raw_log_budgets, input_shape: Sequence[i
       f"(per_pixel={config.per_pixel}, input_shape={input_shape})"
     ) from e
 
-  return _scaled_budgets(
-    scale, raw, math.log(config.ratio_min), math.log(config.ratio_max), input_shape
-  )
+  log_a, log_b = math.log(config.ratio_min), math.log(config.ratio_max)
+  if config.volume == "nominal":
+    return _scaled_budgets(scale, raw, log_a, log_b, input_shape)
+  if x is None:
+    raise ValueError("effective volume needs the inputs: call budgets(..., x=images)")
+  x = jnp.asarray(x, dtype)
+  if x.shape != input_shape:
+    raise ValueError(f"x has shape {x.shape}, expected input_shape {input_shape}")
+  return _effective_budgets(scale, raw, x, log_a, log_b)
+
+
+def _log_scale(scale):
+  """``log eps0`` with ``eps0 = 0`` read as 1: a finite stand-in where the budgets are 0 anyway."""
+  return jnp.log(jnp.where(scale > 0, scale, 1.0))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _scaled_budgets(scale, raw, log_a, log_b, input_shape):
-  """``eps0 * exp(project(raw, 0, log a, log b))`` broadcast to ``input_shape``.
+  """``eps0 * exp(project(raw, 0, log a, min(log b, -log eps0)))`` broadcast to ``input_shape``.
 
-  The target 0 and range ``[log a, log b]`` are feasible by construction of
-  the config (``a <= 1 <= b``), so no validation is needed here.
+  The target 0 and range ``[log a, min(log b, -log eps0)]`` are feasible when ``a <= 1 <= b``
+  (the config) and ``eps0 <= 1``; the upper end is the domain cap ``eps <= 1`` in the scaled frame.
   """
   n = raw.shape[0]
   rows = raw.reshape(n, -1)
   t = jnp.zeros((n,), raw.dtype)
-  shape = project_rows(rows, t, jnp.full((n,), log_a, raw.dtype), jnp.full((n,), log_b, raw.dtype))
+  cap = -_log_scale(scale).reshape(n)
+  lo = jnp.full((n,), log_a, raw.dtype)
+  shape = project_rows(rows, t, lo, jnp.minimum(log_b, cap))
   return jnp.broadcast_to(scale * jnp.exp(shape.reshape(raw.shape)), input_shape)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _effective_budgets(scale, raw, x, log_a, log_b):
+  """Budgets whose clipped boxes on ``x`` have a uniform ``eps0``'s log-volume.
+
+  Solved in absolute log-budgets (the clipped width is not scale-free); ``eps0 = 0`` gives 0
+  (``scale * exp(v - log eps0)`` with a finite stand-in for ``log 0``), with zero gradients
+  w.r.t. the raw budgets.
+  """
+  n = raw.shape[0]
+  rows = raw.reshape(n, -1)
+  x_rows = x.reshape(n, rows.shape[1], -1)
+  log_scale = _log_scale(scale).reshape(n)
+  t = jnp.mean(jnp.log(clipped_half_width(jnp.exp(log_scale)[:, None, None], x_rows)), axis=(1, 2))
+  lo = log_scale + log_a
+  hi = jnp.minimum(log_scale + log_b, math.log(DOMAIN_WIDTH))
+  v = project_effective_rows(rows, x_rows, t, lo, hi)
+  shape = (v - log_scale[:, None]).reshape(raw.shape)
+  return jnp.broadcast_to(scale * jnp.exp(shape), x.shape)
 
 
 # ----------------------------------------------------------------------------

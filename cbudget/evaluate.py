@@ -4,6 +4,11 @@ Three steps, each a function: :func:`certify` (per-example outcomes), :func:`che
 and :func:`report` (the numbers ``eval.json`` holds); :func:`evaluate` runs all three on a workdir.
 Consistency is checked, not assumed: an example certified by any method must not be broken by the
 attack (else a bound is unsound, and evaluation fails loudly), so clean <= PGD <= certified error.
+
+A **threat** says which budgets a model is certified under (:func:`threat_budgets`): ``own`` (the
+budgets the model gives each image at its target ε₀), ``uniform:E`` (ε = E everywhere) or
+``budgets:WORKDIR`` (the budgets another run's model gives the same images at its target ε₀), so
+models can be compared on one threat set.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -48,6 +54,44 @@ def load_run(workdir: str) -> Run:
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints: train first")
   return Run(config, setup, restored)
+
+
+THREAT_FORMS = ("own", "uniform:E", "budgets:WORKDIR")
+
+
+@dataclasses.dataclass(frozen=True)
+class Threat:
+  """Budgets to certify under: ``budgets(x) -> eps`` (jitted), and the spec it came from."""
+
+  spec: str
+  budgets: Callable
+  eps0: float  # the ε₀ whose volume the budgets have (E for uniform:E)
+
+
+def threat_budgets(spec: str, run: Run) -> Threat:
+  """The :class:`Threat` named by ``spec`` (one of :data:`THREAT_FORMS`) for certifying ``run``."""
+  kind, _, arg = spec.partition(":")
+  if kind == "own" and not arg:
+    model, params, eps0 = run.setup.model, run.state.variables.params, run.config.eps
+  elif kind == "uniform" and arg:
+    try:
+      eps0 = float(arg)
+    except ValueError:
+      raise ValueError(f"--threat={spec!r}: E in uniform:E must be a number") from None
+    if not 0 < eps0 <= budgets_lib.DOMAIN_WIDTH:
+      raise ValueError(f"--threat={spec!r}: E must be in (0, {budgets_lib.DOMAIN_WIDTH}]")
+    return Threat(spec, jax.jit(lambda x: jnp.full_like(x, eps0)), eps0)
+  elif kind == "budgets" and arg:
+    other = load_run(arg)
+    if data.info(other.config.dataset).shape != data.info(run.config.dataset).shape:
+      raise ValueError(
+        f"--threat={spec!r}: that run's dataset {other.config.dataset!r} has another input "
+        f"shape than {run.config.dataset!r}"
+      )
+    model, params, eps0 = other.setup.model, other.state.variables.params, other.config.eps
+  else:
+    raise ValueError(f"--threat={spec!r} is not one of {', '.join(THREAT_FORMS)}")
+  return Threat(spec, jax.jit(lambda x: model.budgets(params, x, eps0)), eps0)
 
 
 def load_test_set(config: TrainConfig, num_examples: int | None = None) -> data.Dataset:
@@ -92,8 +136,11 @@ def certify(
   crown_examples: int | None = None,
   x64: bool = False,
   seed: int = 0,
+  threat: Threat | None = None,
 ) -> Certification:
   """Budgets at ``eps0``, the clean prediction, the PGD attack and each bound method per example.
+
+  With ``threat``, its budgets replace the model's own (``eps0`` is then unused).
 
   Full CROWN works in chunks: ``crown_chunk_size`` (row, example) pairs per backward pass, or, by
   default, as many as fit ``crown_memory_gib``; it runs on the first ``crown_examples`` examples
@@ -111,7 +158,10 @@ def certify(
   def lower_bounds(v, x, eps, y, method):
     return model.margin_bounds(v, model.box(x, eps), y, method, **chunking)
 
-  budgets_of = jax.jit(lambda params, x: model.budgets(params, x, eps0))
+  if threat is None:
+    budgets_of = jax.jit(lambda params, x: model.budgets(params, x, eps0))
+  else:
+    budgets_of = lambda params, x: threat.budgets(x)
   logits_of = jax.jit(model.logits)
   bound_fns = {m: jax.jit(lambda v, x, eps, y, m=m: lower_bounds(v, x, eps, y, m)) for m in methods}
   attack = jax.jit(
@@ -183,12 +233,42 @@ def check_consistency(result: Certification):
     )
 
 
+def common_errors(result: Certification, labels: np.ndarray) -> dict:
+  """Every error on the same examples: the first ones that every method certified.
+
+  Full CROWN may run on fewer examples than the other methods (``crown_examples``); comparing
+  columns over different subsets can make a certified error fall below the clean error. Here clean,
+  PGD and each method's certified error, and ``best`` (an example counts as certified if any
+  method certified it: the per-example best over methods), share one example set.
+  """
+  m = min([len(result.preds)] + [len(c) for c in result.certified.values()])
+  certified = {k: c[:m] for k, c in result.certified.items()}
+  any_certified = np.any(np.stack(list(certified.values())), axis=0) if certified else None
+  return {
+    "num_examples": int(m),
+    "clean_error": float(np.mean(result.preds[:m] != labels[:m])),
+    "pgd_error": float(result.pgd_wrong[:m].mean()),
+    "certified_error": {k: float(1 - c.mean()) for k, c in certified.items()},
+    "certified_error_best": None if any_certified is None else float(1 - any_certified.mean()),
+  }
+
+
 def report(
-  config: TrainConfig, result: Certification, test_set: data.Dataset, workdir: str | None = None
+  config: TrainConfig,
+  result: Certification,
+  test_set: data.Dataset,
+  workdir: str | None = None,
+  threat: Threat | None = None,
 ) -> dict:
-  """The numbers of an evaluation (what ``eval.json`` holds): errors, budgets, relevance."""
+  """The numbers of an evaluation (what ``eval.json`` holds): errors, budgets, relevance.
+
+  ``common`` holds every error on one example set (:func:`common_errors`): tables use it.
+  """
   n = len(result.preds)
-  stats = budgets_lib.budget_stats(jnp.asarray(result.eps), jnp.asarray(test_set.images[:n]))
+  images = jnp.asarray(test_set.images[:n])
+  stats = budgets_lib.budget_stats(jnp.asarray(result.eps), images)
+  eps0 = config.eps if threat is None else threat.eps0
+  uniform_stats = budgets_lib.budget_stats(jnp.full(images.shape, eps0, images.dtype), images)
   certified = result.certified
   results = {
     "workdir": workdir,
@@ -201,12 +281,17 @@ def report(
     "pgd_error": float(result.pgd_wrong.mean()),
     "certified_error": {m: float(1 - c.mean()) for m, c in certified.items()},
     "certified_examples": {m: int(len(c)) for m, c in certified.items()},
+    "common": common_errors(result, test_set.labels),
     "certify_seconds": result.seconds,
+    "threat": "own" if threat is None else threat.spec,
+    "volume": config.volume,
     "budget": {
       "equivalent_eps": float(stats["equivalent_eps"]),
       "min": float(result.eps.min()),
       "max": float(result.eps.max()),
       "effective_equivalent_eps": float(stats["effective_equivalent_eps"]),
+      # a uniform eps0 on the same images, for comparison (it is clipped too)
+      "uniform_effective_equivalent_eps": float(uniform_stats["effective_equivalent_eps"]),
     },
   }
   if result.certified64:
@@ -217,7 +302,11 @@ def report(
   if test_set.masks is not None:
     masks = test_set.masks[:n]
     results["relevance_auroc"] = metrics.mean_relevance_auroc(result.eps, masks)
+    results["context_auroc"] = metrics.mean_context_auroc(result.eps, masks, test_set.images[:n])
     results["budget_ratio_out_in"] = metrics.budget_ratio_out_in(result.eps, masks)[1]
+    rule = metrics.best_intensity_rule(test_set.images[:n], masks)
+    results["intensity_rule_auroc"] = rule.auroc  # the dataset's leak test: ~0.5 is no leak
+    results["intensity_rule"] = rule.description
   return results
 
 
@@ -228,10 +317,12 @@ def evaluate(
   plot: str | None = None,
   pgd_steps: int = 20,
   pgd_restarts: int = 1,
+  threat: str = "own",
   **certify_options,
 ) -> dict:
-  """Evaluate the latest checkpoint in ``workdir`` at its target ε₀ (the budgets the model gives
-  each test image) on the first ``num_examples`` test examples; return :func:`report`'s numbers.
+  """Evaluate the latest checkpoint in ``workdir`` under ``threat`` (default ``own``: the budgets
+  the model gives each test image at its target ε₀; see :func:`threat_budgets`) on the first
+  ``num_examples`` test examples; return :func:`report`'s numbers.
 
   ``certify_options`` go to :func:`certify` (methods, batch size, full CROWN's memory, x64).
   ``plot``: a PNG path for the first test images next to their budgets.
@@ -239,6 +330,7 @@ def evaluate(
   run = load_run(workdir)
   test_set = load_test_set(run.config, num_examples)
   model, variables = run.setup.model, run.state.variables
+  threat_ = None if threat == "own" else threat_budgets(threat, run)
   result = certify(
     model,
     variables,
@@ -246,10 +338,11 @@ def evaluate(
     run.config.eps,
     pgd_steps=pgd_steps,
     pgd_restarts=pgd_restarts,
+    threat=threat_,
     **certify_options,
   )
   check_consistency(result)
-  results = report(run.config, result, test_set, workdir)
+  results = report(run.config, result, test_set, workdir, threat_)
   results["pgd"] = {"steps": pgd_steps, "restarts": pgd_restarts}
   if plot is not None:
     from cbudget import plots
@@ -262,6 +355,7 @@ def evaluate(
       masks=None if test_set.masks is None else test_set.masks[:shown],
       labels=test_set.labels[:shown],
       preds=result.preds[:shown],
-      title=f"{run.config.budget} budgets, ε₀ = {run.config.eps:.3g}",
+      title=f"{run.config.budget} budgets, ε₀ = {run.config.eps:.3g}"
+      + ("" if threat == "own" else f", threat {threat}"),
     )
   return results

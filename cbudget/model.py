@@ -67,13 +67,17 @@ class CertifiedModel:
     generator: str = "coarse",
     per_pixel: bool = True,
     budget_range: tuple[float, float] | None = None,
+    volume: str = "nominal",
   ) -> CertifiedModel:
     """The model of a run, by names; the dataset's facts give the classes and normalisation."""
     facts = data.info(dataset)
+    slot_shape = None
+    if budget == "oracle" and dataset in ("mnist_canvas", "cifar_canvas"):
+      slot_shape = data.info(facts.base).shape[:2]  # one slot holds one image of the base data
     return cls(
       classifiers.get_classifier(classifier, facts.num_classes, mean=facts.mean, std=facts.std),
-      generators.budget_model(budget, generator, per_pixel),
-      make_budget_config(budget, budget_range, per_pixel),
+      generators.budget_model(budget, generator, per_pixel, slot_shape),
+      make_budget_config(budget, budget_range, per_pixel, volume),
       facts.num_classes,
     )
 
@@ -83,7 +87,8 @@ class CertifiedModel:
     variables = self.classifier.init(k_cls, example, train=False)
     params = {"classifier": variables["params"], "budget": None}
     if self.budget_model is not None:
-      params["budget"] = self.budget_model.init(k_gen, example)["params"]
+      # an empty dict for a budget model without parameters (the oracle)
+      params["budget"] = self.budget_model.init(k_gen, example).get("params", {})
     return Variables(params, variables.get("batch_stats"))
 
   def classifier_variables(self, variables: Variables) -> dict:
@@ -98,7 +103,7 @@ class CertifiedModel:
     raw = None
     if self.budget_model is not None:
       raw = self.budget_model.apply({"params": params["budget"]}, x)
-    return budgets(self.budget_config, eps0, raw, x.shape)
+    return budgets(self.budget_config, eps0, raw, x.shape, x=x)
 
   def box(self, x, eps) -> Box:
     """The threat model: ``[x - eps, x + eps] ∩ [0, 1]``."""

@@ -41,6 +41,7 @@ class TrainConfig:
   per_pixel: bool = True
   eps: float = 0.2
   budget_range: tuple[float, float] = (0.25, 4.0)
+  volume: str = "nominal"  # or "effective": the clipped boxes' log-volume (cbudget.budgets)
   method: str = "ibp"
   epochs: int = 20
   steps: int | None = None  # overrides epochs when set
@@ -68,6 +69,7 @@ class TrainConfig:
     "per_pixel",
     "eps",
     "budget_range",
+    "volume",
     "method",
     "batch_size",
     "seed",
@@ -97,7 +99,13 @@ def validate(config: TrainConfig):
     raise ValueError(f"--method={config.method!r} cannot train; choose one of {TRAIN_METHODS}")
   if not config.eps > 0:
     raise ValueError(f"--eps must be > 0 (the target ε₀), got {config.eps}")
-  budgets_lib.make_budget_config(config.budget, config.budget_range, config.per_pixel)
+  if config.eps > budgets_lib.DOMAIN_WIDTH:
+    raise ValueError(
+      f"--eps must be <= {budgets_lib.DOMAIN_WIDTH} (pixels lie in [0, 1]), got {config.eps}"
+    )
+  budgets_lib.make_budget_config(
+    config.budget, config.budget_range, config.per_pixel, config.volume
+  )
 
 
 class TrainState(NamedTuple):
@@ -127,6 +135,7 @@ def make_model(config: TrainConfig) -> CertifiedModel:
     generator=config.generator,
     per_pixel=config.per_pixel,
     budget_range=config.budget_range,
+    volume=config.volume,
   )
 
 

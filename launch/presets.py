@@ -5,9 +5,16 @@ Each preset has a CPU schedule (what the README's results table ran) and the pap
 """
 
 _MODES = ("uniform", "global", "contextual")
+_CANVAS_MODES = _MODES + ("oracle",)  # the framed canvases know their true mask: a reference
 
+# Effective volume: budgets cannot buy volume from the part of a box the domain [0, 1] cuts off.
 _COMMON = dict(
-  model="dm_small", generator="coarse", method="ibp", batch_size=100, ramp_fraction=0.5
+  model="dm_small",
+  generator="coarse",
+  method="ibp",
+  batch_size=100,
+  ramp_fraction=0.5,
+  volume="effective",
 )
 _PLAIN = dict(_COMMON, budget_range="0.25,4", warmup_fraction=0.05, kappa_end=0.0)
 # The canvases are harder to learn than the plain datasets: a longer clean warm-up, and half the
@@ -43,7 +50,7 @@ for _family, _base in _BASE.items():
     "cifar": ((8 / 255, "8_255"), (16 / 255, "16_255")),
   }.get(_family, ((None, ""),))
   for _eps, _label in _epsilons:
-    for _mode in _MODES:
+    for _mode in _CANVAS_MODES if _family.endswith("_canvas") else _MODES:
       _name = f"{_family}_{_mode}" + (f"_{_label}" if _label else "")
       _values = dict(_base, budget=_mode)
       if _eps is not None:

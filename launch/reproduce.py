@@ -1,13 +1,20 @@
 r"""Run the comparisons of the results table: uniform vs global vs contextual budgets.
 
-  python -m launch.reproduce --data_dir ../shared/data --families mnist,cifar,mnist_canvas,cifar_canvas
+  python -m launch.reproduce --data_dir ../shared/data --families mnist_canvas --seeds 0,1,2 \
+      --volume effective
+  python -m launch.reproduce --data_dir ../shared/data --only mnist_canvas_uniform,\
+mnist_canvas_contextual --sweep_eps 0.05,0.1,0.15      # certified error against the volume
 
-For each preset of the chosen families: train (resuming if its workdir has a checkpoint), evaluate
-on --num_examples test images, and write ``results/<preset>.json`` with the command, machine and
-wall-clock; then ``results/README.md`` gets the Markdown table of every result file present.
-``--schedule=paper`` runs the paper-scale schedules (for a GPU/TPU).
+For each preset of the chosen families, each seed (and each ε₀ of --sweep_eps): train (resuming if
+its workdir has a checkpoint), evaluate on --num_examples test images, and write
+``results/<run>.json`` with the command, machine and wall-clock; then ``results/README.md`` gets
+the Markdown table of every result file present, one row per preset and ε₀, mean ± std over seeds.
+Every column of a row is measured on the same examples (the first ones every method covered), with
+the per-example best over methods as its own column. ``--schedule=paper`` runs the paper-scale
+schedules (for a GPU/TPU).
 """
 
+import collections
 import json
 import os
 import platform
@@ -15,6 +22,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 from absl import flags
 
 from launch import presets
@@ -34,7 +42,14 @@ flags.DEFINE_list("methods", ["ibp", "crown-ibp", "crown"], "Certification metho
 flags.DEFINE_integer("crown_chunk_size", None, "(Row, example) pairs per full-CROWN pass.")
 flags.DEFINE_integer("epochs", None, "Override the preset's epochs.")
 flags.DEFINE_integer("num_train_examples", None, "Override: train on the first N examples.")
-flags.DEFINE_integer("crown_examples", 200, "Full CROWN on the first N test examples only.")
+flags.DEFINE_integer(
+  "crown_examples",
+  None,
+  "Full CROWN on the first N test examples only; then every column of the table is on those N.",
+)
+flags.DEFINE_list("seeds", ["0"], "Seeds: one run each; the table shows mean ± std.")
+flags.DEFINE_enum("volume", None, ["nominal", "effective"], "Override the preset's volume.")
+flags.DEFINE_list("sweep_eps", [], "Train and evaluate each preset at each of these ε₀.")
 
 
 def machine() -> str:
@@ -42,15 +57,29 @@ def machine() -> str:
   return f"{platform.machine()} {os.cpu_count()} cores, {d.platform}:{d.device_kind}"
 
 
-def run_preset(name: str) -> dict:
+def run_name(preset: str, seed: int, eps: float | None) -> str:
+  return preset + (f"-eps{eps:g}" if eps is not None else "") + f"-s{seed}"
+
+
+def run_preset(name: str, seed: int, eps: float | None = None) -> dict:
   from cbudget.evaluate import evaluate
   from cbudget.train import train
 
-  overrides = dict(workdir=os.path.join(FLAGS.workdir_root, name), data_dir=FLAGS.data_dir)
-  if FLAGS.epochs:
-    overrides["epochs"] = FLAGS.epochs
-  if FLAGS.num_train_examples:
-    overrides["num_train_examples"] = FLAGS.num_train_examples
+  overrides = dict(
+    workdir=os.path.join(FLAGS.workdir_root, run_name(name, seed, eps)),
+    data_dir=FLAGS.data_dir,
+    seed=seed,
+  )
+  flags_given = f" --seed {seed}"
+  for key, value in (
+    ("epochs", FLAGS.epochs),
+    ("num_train_examples", FLAGS.num_train_examples),
+    ("volume", FLAGS.volume),
+    ("eps", eps),
+  ):
+    if value is not None:
+      overrides[key] = value
+      flags_given += f" --{key} {value}"
   config = presets.train_config(name, FLAGS.schedule, **overrides)
   t0 = time.time()
   if train(config)["interrupted"]:
@@ -64,8 +93,12 @@ def run_preset(name: str) -> dict:
     crown_chunk_size=FLAGS.crown_chunk_size,
     crown_examples=FLAGS.crown_examples,
   )
+  evaluate_flags = f" --num_examples {FLAGS.num_examples} --methods {','.join(FLAGS.methods)}"
+  if FLAGS.crown_examples:
+    evaluate_flags += f" --crown_examples {FLAGS.crown_examples}"
   results.update(
     preset=name,
+    seed=seed,
     schedule=FLAGS.schedule,
     epochs=config.epochs,
     method=config.method,
@@ -76,41 +109,61 @@ def run_preset(name: str) -> dict:
     machine=machine(),
     command=(
       f"python -m launch.train --preset {name} --schedule {FLAGS.schedule} "
-      f"--data_dir DATA --workdir W"
-      + (f" --epochs {FLAGS.epochs}" if FLAGS.epochs else "")
-      + (f" --num_train_examples {FLAGS.num_train_examples}" if FLAGS.num_train_examples else "")
-      + f" && python -m launch.evaluate --workdir W --num_examples "
-      f"{FLAGS.num_examples} --crown_examples {FLAGS.crown_examples}"
-      + (
-        f" --methods {','.join(FLAGS.methods)}"
-        if tuple(FLAGS.methods) != ("ibp", "crown-ibp", "crown")
-        else ""
-      )
+      f"--data_dir DATA --workdir W{flags_given} && python -m launch.evaluate --workdir W"
+      + evaluate_flags
     ),
   )
   return results
 
 
+def _cell(values, scale=100.0, digits=1) -> str:
+  """``mean ± std`` over seeds (just the value for one seed); '–' if missing."""
+  values = [v for v in values if v is not None and not np.isnan(v)]
+  if not values:
+    return "–"
+  mean = scale * float(np.mean(values))
+  if len(values) == 1:
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
+
+
 def table(results_dir: str) -> str:
-  rows = []
+  """One row per (preset, ε₀, volume): mean ± std over the seeds present, every column on the
+  same examples (``common`` in each JSON)."""
+  groups = collections.defaultdict(list)
   for fname in sorted(os.listdir(results_dir)):
     if fname.endswith(".json"):
       with open(os.path.join(results_dir, fname)) as f:
-        rows.append(json.load(f))
+        r = json.load(f)
+      if "common" in r:  # written before every column shared one example set: not comparable
+        groups[(r["preset"], r["eps"], r.get("volume", "nominal"))].append(r)
+  methods = ("ibp", "crown-ibp", "crown")
   head = (
-    "| preset | data | model | budgets | ε₀ | epochs | clean | PGD | cert. IBP | cert. CROWN-IBP "
-    "| cert. CROWN* | AUROC | out/in | train s | machine |\n|" + "---|" * 15
+    "| preset | ε₀ | volume | seeds | examples | clean | PGD | cert. IBP | cert. CROWN-IBP "
+    "| cert. CROWN | cert. best | equiv. ε nominal / effective (uniform) | AUROC | context AUROC "
+    "| intensity rule | train s | machine |\n|" + "---|" * 17
   )
   lines = [head]
-  for r in rows:
-    c = r["certified_error"]
-    auroc = f"{r['relevance_auroc']:.3f}" if "relevance_auroc" in r else "–"
-    ratio = f"{r['budget_ratio_out_in']:.2f}" if "budget_ratio_out_in" in r else "–"
+  for (preset, eps, volume), rows in groups.items():
+    common = [r["common"] for r in rows]
+    b = {k: np.mean([r["budget"][k] for r in rows]) for k in rows[0]["budget"]}
+    certified = [
+      _cell([c["certified_error"].get(m) for c in common])
+      if m in common[0]["certified_error"]
+      else "–"
+      for m in methods
+    ]
     lines.append(
-      f"| {r['preset']} | {r['dataset']} | {r['model']} | {r['budget_mode']} | {r['eps']:.4g} | "
-      f"{r['epochs']} | {100 * r['clean_error']:.1f} | {100 * r['pgd_error']:.1f} | "
-      + " | ".join(f"{100 * c[m]:.1f}" if m in c else "–" for m in ("ibp", "crown-ibp", "crown"))
-      + f" | {auroc} | {ratio} | {r['train_seconds']:.0f} | {r['machine']} |"
+      f"| {preset} | {eps:.4g} | {volume} | {len(rows)} | {common[0]['num_examples']} | "
+      f"{_cell([c['clean_error'] for c in common])} | {_cell([c['pgd_error'] for c in common])} | "
+      + " | ".join(certified)
+      + f" | {_cell([c['certified_error_best'] for c in common])} | "
+      f"{b['equivalent_eps']:.3g} / {b['effective_equivalent_eps']:.3g} "
+      f"({b['uniform_effective_equivalent_eps']:.3g}) | "
+      f"{_cell([r.get('relevance_auroc') for r in rows], 1, 3)} | "
+      f"{_cell([r.get('context_auroc') for r in rows], 1, 3)} | "
+      f"{_cell([r.get('intensity_rule_auroc') for r in rows], 1, 3)} | "
+      f"{np.mean([r['train_seconds'] for r in rows]):.0f} | {rows[0]['machine']} |"
     )
   return "\n".join(lines) + "\n"
 
@@ -121,22 +174,23 @@ def main(argv):
 
   os.makedirs(FLAGS.results_dir, exist_ok=True)
   names = FLAGS.only or [n for n in presets.PRESETS if presets.FAMILY[n] in FLAGS.families]
+  epsilons = [float(e) for e in FLAGS.sweep_eps] or [None]
   for name in names:
-    print(f"== {name}", flush=True)
-    results = run_preset(name)
-    atomic_write_text(
-      os.path.join(FLAGS.results_dir, f"{name}.json"), json.dumps(results, indent=2) + "\n"
-    )
-    print(
-      json.dumps({k: results[k] for k in ("clean_error", "pgd_error", "certified_error")}),
-      flush=True,
-    )
-    atomic_write_text(
-      os.path.join(FLAGS.results_dir, "README.md"),
-      "# Results\n\nErrors in %, on the first test examples (*full CROWN on fewer: see "
-      "`certified_examples`); the JSON files hold budget statistics and "
-      "commands.\n\n" + table(FLAGS.results_dir),
-    )
+    for eps in epsilons:
+      for seed in (int(s) for s in FLAGS.seeds):
+        run = run_name(name, seed, eps)
+        print(f"== {run}", flush=True)
+        results = run_preset(name, seed, eps)
+        atomic_write_text(
+          os.path.join(FLAGS.results_dir, f"{run}.json"), json.dumps(results, indent=2) + "\n"
+        )
+        print(json.dumps(results["common"]), flush=True)
+        atomic_write_text(
+          os.path.join(FLAGS.results_dir, "README.md"),
+          "# Results\n\nErrors in % (mean ± std over seeds), every column of a row on the same "
+          "test examples; the JSON files hold the per-run numbers, budget statistics and "
+          "commands.\n\n" + table(FLAGS.results_dir),
+        )
   print(table(FLAGS.results_dir))
 
 

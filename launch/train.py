@@ -13,6 +13,7 @@ from absl import flags
 
 from cbudget import data
 from cbudget.budgets import BUDGET_MODES
+from cbudget.budgets import VOLUMES as BUDGET_VOLUMES
 from cbudget.models.classifiers import CLASSIFIERS
 from cbudget.models.generators import GENERATORS
 from cbudget.objective import TRAIN_METHODS
@@ -37,6 +38,13 @@ flags.DEFINE_enum("budget", "contextual", list(BUDGET_MODES), "Budget mode.")
 flags.DEFINE_bool("per_pixel", True, "One budget per pixel (shared across channels).")
 flags.DEFINE_float("eps", 0.2, "Target ε₀: budgets have the volume of a uniform ε₀.")
 flags.DEFINE_string("budget_range", "0.25,4", "a,b: every budget within [a·ε₀, b·ε₀], a ≤ 1 ≤ b.")
+flags.DEFINE_enum(
+  "volume",
+  "nominal",
+  list(BUDGET_VOLUMES),
+  "Volume constraint: 'nominal' (mean log ε = log ε₀) or 'effective' (the boxes clipped to "
+  "[0, 1] have a uniform ε₀'s log-volume on the same image).",
+)
 flags.DEFINE_enum("method", "ibp", list(TRAIN_METHODS), "Bound method for the certified loss.")
 flags.DEFINE_integer("epochs", 20, "Training epochs.")
 flags.DEFINE_integer("steps", None, "Training steps (overrides --epochs).")

@@ -17,7 +17,9 @@ from cbudget.budgets import (
   BudgetRangeError,
   budget_stats,
   budgets,
+  clipped_half_width,
   make_budget_config,
+  project_effective_rows,
   project_rows,
 )
 
@@ -328,8 +330,11 @@ def test_learned_modes_exact_volume_and_range(x64, mode, per_pixel):
   assert eps.shape == shape
   np.testing.assert_allclose(np.mean(np.log(eps), axis=(1, 2, 3)), np.log(eps0), rtol=0, atol=1e-12)
   e0 = np.asarray(eps0)[:, None, None, None]
-  assert np.all(eps >= a * e0 * (1 - 1e-12)) and np.all(eps <= b * e0 * (1 + 1e-12))
+  cap = np.minimum(b * e0, 1.0)  # no budget wider than the domain
+  assert np.all(eps >= a * e0 * (1 - 1e-12)) and np.all(eps <= cap * (1 + 1e-12))
   assert np.any(np.isclose(eps, a * e0)) and np.any(np.isclose(eps, b * e0))  # clipping is active
+  assert np.any(np.isclose(eps[3], 1.0))  # the cap is active at eps0 = 0.3 (b eps0 = 1.2)
+  np.testing.assert_array_equal(eps[4], 1.0)  # eps0 = 1: the cap leaves one feasible point
   if per_pixel:
     np.testing.assert_array_equal(eps, np.broadcast_to(eps[..., :1], shape))
 
@@ -379,6 +384,13 @@ def test_budgets_shape_errors():
     budgets(cfg, 0.1, jnp.zeros((2, 4, 4, 3)), (2, 4, 4, 3))
   with pytest.raises(ValueError, match="eps0"):
     budgets(cfg, -0.1, jnp.zeros((2, 4, 4, 1)), (2, 4, 4, 3))
+  with pytest.raises(ValueError, match="domain"):
+    budgets(cfg, 1.5, jnp.zeros((2, 4, 4, 1)), (2, 4, 4, 3))
+  effective = make_budget_config("contextual", (0.5, 2.0), volume="effective")
+  with pytest.raises(ValueError, match="needs the inputs"):
+    budgets(effective, 0.1, jnp.zeros((2, 4, 4, 1)), (2, 4, 4, 3))
+  with pytest.raises(BudgetRangeError, match="unknown volume"):
+    make_budget_config("contextual", (0.5, 2.0), volume="clipped")
 
 
 def test_budgets_gradients_match_finite_differences(x64):
@@ -388,6 +400,115 @@ def test_budgets_gradients_match_finite_differences(x64):
   w = jnp.asarray(np.random.default_rng(13).normal(size=(2, 3, 3, 2)))
   loss = lambda r, e0: jnp.sum(w * budgets(cfg, e0, r, (2, 3, 3, 2)))
   check_grads(loss, (raw, 0.1), order=1, modes=["fwd", "rev"], eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# Effective volume: the clipped boxes have a uniform eps0's log-volume on the same image
+# ----------------------------------------------------------------------------
+
+
+def _images(seed, shape=(4, 6, 6, 3)):
+  """Uniform pixels, with whole black and white rows (where the domain clips most)."""
+  x = np.random.default_rng(seed).uniform(size=shape)
+  x[0, :3] = 0.0
+  x[1, :2] = 1.0
+  return jnp.asarray(x)
+
+
+def _effective_log_volume(eps, x):
+  return np.mean(np.log(np.asarray(clipped_half_width(eps, x))), axis=(1, 2, 3))
+
+
+def test_clipped_half_width_is_the_box_radius(x64):
+  x = _images(20)
+  eps = jnp.asarray(np.random.default_rng(21).uniform(0, 1.2, size=x.shape))
+  from cbudget.bounds import Box
+
+  np.testing.assert_allclose(clipped_half_width(eps, x), Box.from_budget(x, eps).radius, atol=1e-15)
+  # A tiny budget next to a bright pixel keeps its width (no cancellation to 0).
+  assert float(clipped_half_width(jnp.float32(1e-9), jnp.float32(0.9))) == np.float32(1e-9)
+
+
+@pytest.mark.parametrize("mode", ["global", "contextual"])
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_effective_volume_exact_and_range(x64, mode, per_pixel):
+  a, b = 0.1, 10.0
+  cfg = make_budget_config(mode, (a, b), per_pixel=per_pixel, volume="effective")
+  x = _images(22)
+  raw = jnp.asarray(
+    np.random.default_rng(23).normal(size=x.shape[:-1] + ((1,) if per_pixel else (3,))) * 2
+  )
+  eps0 = jnp.asarray([1e-3, 0.05, 0.3, 1.0])
+  eps = np.asarray(budgets(cfg, eps0, raw, x.shape, x=x))
+  e0 = np.asarray(eps0)[:, None, None, None]
+  uniform = _effective_log_volume(jnp.broadcast_to(eps0[:, None, None, None], x.shape), x)
+  np.testing.assert_allclose(_effective_log_volume(eps, x), uniform, rtol=0, atol=1e-12)
+  assert np.all(eps >= a * e0 * (1 - 1e-12)) and np.all(eps <= np.minimum(b * e0, 1.0) + 1e-12)
+  assert np.any(np.isclose(eps[:3], 1.0))  # the cap is reached
+  # The nominal volume is larger than eps0's where budgets grow on clipped (black/white) pixels:
+  # the point of effective volume is that this buys nothing.
+  assert np.all(np.mean(np.log(eps[1:3]), axis=(1, 2, 3)) > np.log(eps0[1:3]))
+  if per_pixel:
+    np.testing.assert_array_equal(eps, np.broadcast_to(eps[..., :1], x.shape))
+
+
+def test_effective_volume_matches_bruteforce_reference(x64):
+  """A float64 numpy bisection on the shift gives the same budgets."""
+  x = _images(24, (3, 5, 5, 1))
+  raw = np.random.default_rng(25).normal(size=x.shape) * 1.5
+  eps0, a, b = 0.2, 0.25, 4.0
+  cfg = make_budget_config("contextual", (a, b), volume="effective")
+  eps = np.asarray(budgets(cfg, eps0, jnp.asarray(raw), x.shape, x=x))
+  xs = np.asarray(x)
+  for n in range(3):
+    h = lambda e: np.asarray(clipped_half_width(e, xs[n]))
+    g = lambda tau: np.mean(np.log(h(np.exp(np.clip(raw[n] + tau, lo, hi)))))
+    lo, hi = math.log(a * eps0), min(math.log(b * eps0), 0.0)
+    target = np.mean(np.log(h(np.full(xs[n].shape, eps0))))
+    left, right = lo - raw[n].max() - 1, hi - raw[n].min() + 1
+    for _ in range(200):
+      mid = 0.5 * (left + right)
+      left, right = (mid, right) if g(mid) < target else (left, mid)
+    np.testing.assert_allclose(eps[n], np.exp(np.clip(raw[n] + right, lo, hi)), rtol=1e-10)
+
+
+def test_effective_projection_jacobian_matches_finite_differences(x64):
+  """The custom JVP of the projection against finite differences, in every argument."""
+  rng = np.random.default_rng(26)
+  x = jnp.asarray(rng.uniform(0.05, 0.95, size=(2, 10, 2)))  # inside (0, 1): x is perturbed too
+  r = jnp.asarray(rng.normal(size=(2, 10)))
+  t = jnp.asarray([math.log(0.08), math.log(0.15)])
+  lo = jnp.asarray([math.log(0.03), math.log(0.05)])
+  hi = jnp.asarray([math.log(0.3), 0.0])
+  v = project_effective_rows(r, x, t, lo, hi)
+  free = (v > lo[:, None]) & (v < hi[:, None])
+  assert np.any(free) and np.any(~free)  # both clipped and free coordinates are exercised
+  check_grads(
+    project_effective_rows, (r, x, t, lo, hi), order=1, modes=["fwd", "rev"], eps=1e-7, atol=1e-6
+  )
+
+
+def test_effective_budgets_gradients_match_finite_differences(x64):
+  """The production path end to end, with black and white pixels (x itself held fixed)."""
+  cfg = make_budget_config("contextual", (0.1, 10.0), volume="effective")
+  x = _images(27, (2, 4, 4, 3))
+  raw = jnp.asarray(np.random.default_rng(28).normal(size=(2, 4, 4, 1)) * 2)
+  w = jnp.asarray(np.random.default_rng(29).normal(size=x.shape))
+  loss = lambda r, e0: jnp.sum(w * budgets(cfg, e0, r, x.shape, x=x))
+  check_grads(loss, (raw, 0.2), order=1, modes=["fwd", "rev"], eps=1e-7, atol=1e-6, rtol=1e-5)
+
+
+def test_effective_budgets_eps0_zero_and_float32():
+  cfg = make_budget_config("contextual", (0.1, 10.0), volume="effective")
+  x = jnp.asarray(_images(30, (2, 8, 8, 1)), jnp.float32)
+  raw = jnp.asarray(np.random.default_rng(31).normal(size=(2, 8, 8, 1)), jnp.float32)
+  np.testing.assert_array_equal(budgets(cfg, 0.0, raw, x.shape, x=x), 0.0)
+  g = jax.jit(jax.grad(lambda r: jnp.sum(budgets(cfg, 0.0, r, x.shape, x=x))))(raw)
+  np.testing.assert_array_equal(g, 0.0)
+  eps = budgets(cfg, 0.1, raw, x.shape, x=x)
+  assert eps.dtype == jnp.float32
+  uniform = _effective_log_volume(jnp.full(x.shape, 0.1, jnp.float32), x)
+  np.testing.assert_allclose(_effective_log_volume(eps, x), uniform, atol=2e-6)
 
 
 # ----------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def test_evaluate_and_visualize_a_run(trained_run, tmp_path):
   shutil.copytree(trained_run.workdir, work)  # the launchers write into the workdir
   out = run("launch.evaluate", f"--workdir={work}", "--num_examples=20", "--methods=ibp,crown")
   assert out.returncode == 0, out.stderr[-2000:]
-  assert "shapes / dm_small / contextual budgets, ε₀ = 0.1, 20 test examples" in out.stdout
+  assert (
+    "shapes / dm_small / contextual budgets, ε₀ = 0.1, threat own, 20 test examples" in out.stdout
+  )
   assert "certified error" in out.stdout and "budget–relevance AUROC" in out.stdout
   assert "evaluated 20/20 examples" in out.stderr  # progress
   results = json.loads((work / "eval.json").read_text())

@@ -204,11 +204,55 @@ class GlobalBudget(nn.Module):
     return jnp.broadcast_to(raw, (x.shape[0],) + shape)
 
 
-def budget_model(mode: str, generator: str = "coarse", per_pixel: bool = True) -> nn.Module | None:
-  """The model of budget ``mode``: ``None`` (uniform), :class:`GlobalBudget` (global) or the
-  generator called ``generator`` (contextual)."""
+class OracleBudget(nn.Module):
+  """Budgets from the true relevance mask of a framed canvas (``mnist_canvas``, ``cifar_canvas``):
+  a reference, not a learner (no parameters).
+
+  The labelled slot is the one whose frame is present: every pixel of its outer ring above
+  ``MARKER_THRESHOLD`` in every channel (the detector under which the canvases are built, exact on
+  clean images). Raw log-budgets are 0 inside that slot and ``contrast`` outside, so the volume
+  projection gives two levels: small inside the mask, large outside, at the same volume as every
+  other mode.
+  """
+
+  slot_shape: tuple[int, int]
+  per_pixel: bool = True
+  contrast: float = 20.0  # wider than any budget range: at most one of the two levels is free
+
+  @nn.compact
+  def __call__(self, x):
+    from cbudget.data._synthetic import MARKER_THRESHOLD, marker_patterns
+
+    n, height, width, c = x.shape
+    h, w = self.slot_shape
+    if height % h or width % w:
+      raise ValueError(
+        f"oracle budgets: images of {height}x{width} are not a grid of {h}x{w} slots; the oracle "
+        "needs a framed canvas dataset (mnist_canvas, cifar_canvas)"
+      )
+    frame = jnp.asarray(marker_patterns(h, w)[1])[:, :, None]
+    slots = x.reshape(n, height // h, h, width // w, w, c).transpose(0, 1, 3, 2, 4, 5)
+    marked = jnp.all(jnp.where(frame, slots > MARKER_THRESHOLD, True), axis=(3, 4, 5))
+    mask = jnp.repeat(jnp.repeat(marked, h, axis=1), w, axis=2)  # [n, height, width]
+    raw = jnp.where(mask, 0.0, self.contrast).astype(x.dtype)[..., None]
+    return jax.lax.stop_gradient(raw if self.per_pixel else jnp.broadcast_to(raw, x.shape))
+
+
+def budget_model(
+  mode: str,
+  generator: str = "coarse",
+  per_pixel: bool = True,
+  slot_shape: tuple[int, int] | None = None,
+) -> nn.Module | None:
+  """The model of budget ``mode``: ``None`` (uniform), :class:`GlobalBudget` (global), the
+  generator called ``generator`` (contextual) or :class:`OracleBudget` (oracle: needs the
+  ``slot_shape`` of a framed canvas)."""
   if mode == "uniform":
     return None
   if mode == "global":
     return GlobalBudget(per_pixel=per_pixel)
+  if mode == "oracle":
+    if slot_shape is None:
+      raise ValueError("--budget=oracle needs a framed canvas dataset (mnist_canvas, cifar_canvas)")
+    return OracleBudget(tuple(slot_shape), per_pixel=per_pixel)
   return get_generator(generator, per_pixel=per_pixel)
