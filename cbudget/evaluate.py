@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbudget import budgets as budgets_lib
+from cbudget import certify as certify_boxes
 from cbudget import data, metrics
 from cbudget.attacks import pgd_error
 from cbudget.model import CertifiedModel, Variables
@@ -318,6 +319,7 @@ def evaluate(
   pgd_steps: int = 20,
   pgd_restarts: int = 1,
   threat: str = "own",
+  certified_box_examples: int = 0,
   **certify_options,
 ) -> dict:
   """Evaluate the latest checkpoint in ``workdir`` under ``threat`` (default ``own``: the budgets
@@ -326,6 +328,9 @@ def evaluate(
 
   ``certify_options`` go to :func:`certify` (methods, batch size, full CROWN's memory, x64).
   ``plot``: a PNG path for the first test images next to their budgets.
+  ``certified_box_examples``: on that many first test examples, also the largest box full CROWN
+  certifies (:func:`cbudget.certify.largest_certified_box`); ``certified_box`` holds the medians,
+  e.g. ``median_ratio`` of its equivalent ε to the certified uniform ε.
   """
   run = load_run(workdir)
   test_set = load_test_set(run.config, num_examples)
@@ -344,6 +349,16 @@ def evaluate(
   check_consistency(result)
   results = report(run.config, result, test_set, workdir, threat_)
   results["pgd"] = {"steps": pgd_steps, "restarts": pgd_restarts}
+  if certified_box_examples:
+    k = certified_box_examples
+    x, y = jnp.asarray(test_set.images[:k]), jnp.asarray(test_set.labels[:k])
+    memory = int(certify_options.get("crown_memory_gib", 2.0) * 2**30)
+    boxes = certify_boxes.largest_certified_box(
+      lambda v, z: model.logits(v, z), variables, x, y, method_options={"memory_limit": memory}
+    )
+    summary = certify_boxes.summary(boxes, result.eps[:k])
+    summary.pop("per_example")
+    results["certified_box"] = {"method": "crown", **summary}
   if plot is not None:
     from cbudget import plots
 

@@ -151,3 +151,16 @@ def test_cross_evaluation_matrix(trained_run):
   )
   table = markdown(matrix, "ibp")
   assert table.count("\n") == 5 and "| ctx | " in table
+
+
+def test_alpha_crown_and_the_largest_box_in_evaluation(trained_run):
+  out = ev.evaluate(
+    trained_run.workdir,
+    **{**FAST, "num_examples": 4, "methods": ("crown", "alpha-crown")},
+    certified_box_examples=2,
+  )
+  errors = out["common"]["certified_error"]
+  assert errors["alpha-crown"] <= errors["crown"]  # α-CROWN keeps the best bound, CROWN's included
+  box = out["certified_box"]
+  assert box["method"] == "crown" and box["num_examples"] == 2
+  assert box["median_ratio"] is None or box["median_ratio"] >= 1.0
