@@ -12,7 +12,7 @@ from cbudget import budgets, methods
 from cbudget.attacks import margins
 from cbudget.bounds import Box
 from cbudget.model import CertifiedModel
-from cbudget.models import generators
+from cbudget.models import classifiers, generators
 from cbudget.models.generators import SmallGenerator
 from cbudget.train import lr_milestones, make_setup, train
 from tests.conftest import tiny_config
@@ -35,44 +35,35 @@ def tiny_model(mode, batchnorm=False, n=4):
 
 @pytest.mark.parametrize("mode", ["uniform", "global", "contextual"])
 def test_every_method_trains_in_every_budget_mode(mode):
-  """Two Adam steps of each method, with the regularisers on: finite, and the loss moves."""
+  """Two Adam steps on the sum of every method's loss (one compilation per mode): each loss is
+  finite with finite gradients, and the step changes it."""
   x, y, model, variables = tiny_model(mode, batchnorm=mode == "global")
-  options = methods.MethodOptions(attack_steps=2, fast_reg=0.5, eps_max=0.2)
+  # The regularisers ride along in one mode (they cost a compilation of their own).
+  options = methods.MethodOptions(attack_steps=2, fast_reg=0.5 * (mode == "global"), eps_max=0.2)
+
+  def losses(params):
+    kw = dict(eps0=0.1, kappa=0.5, beta=0.5, key=jax.random.key(2), options=options)
+    v = variables._replace(params=params)
+    return {name: methods.get(name)(model, v, x, y, **kw).losses.loss for name in methods.METHODS}
+
+  total = lambda params: sum(losses(params).values())
+  step = jax.jit(lambda p: (losses(p), jax.grad(total)(p)))
+  opt = optax.adam(1e-2)
+  params, state = variables.params, opt.init(variables.params)
+  seen = []
+  for _ in range(2):
+    values, grads = step(params)
+    seen.append(values)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
   for name in methods.TRAIN_METHODS:
-    loss_fn = methods.get(name)
-
-    def loss(params, v=variables, loss_fn=loss_fn):
-      out = loss_fn(
-        model,
-        v._replace(params=params),
-        x,
-        y,
-        eps0=0.1,
-        kappa=0.5,
-        beta=0.5,
-        key=jax.random.key(2),
-        options=options,
-      )
-      return out.losses.loss, out
-
-    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    opt = optax.adam(1e-2)
-    params, state = variables.params, opt.init(variables.params)
-    losses = []
-    for _ in range(2):
-      (value, out), grads = grad_fn(params)
-      losses.append(float(value))
-      assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)), name
-      updates, state = opt.update(grads, state, params)
-      params = optax.apply_updates(params, updates)
-    assert np.all(np.isfinite(losses)) and losses[0] != losses[1], name
-    assert out.margin_lower.shape == (len(y), 2)
+    assert np.isfinite(seen[0][name]) and seen[0][name] != seen[1][name], name
 
 
-@pytest.mark.parametrize("method", ["sabr", "mtl-ibp"])
-def test_train_runs_the_new_methods_end_to_end(tmp_path, method):
+def test_train_runs_a_new_method_end_to_end(tmp_path):
   config = tiny_config(
-    tmp_path / method, method=method, steps=2, train_attack_steps=2, init="fast", fast_reg=1.0
+    tmp_path / "sabr", method="sabr", steps=2, train_attack_steps=2, init="fast", fast_reg=1.0
   )
   result = train(config)
   assert result["step"] == 2 and np.isfinite(result["loss"])
@@ -106,9 +97,8 @@ def test_sabr_box_is_centred_on_an_inner_point():
   np.testing.assert_allclose(small.center, [0.5, 0.1, 0.9, 0.9], atol=1e-7)
 
 
-@pytest.mark.parametrize("batchnorm", [False, True])
-def test_mtl_ibp_equals_its_parts_at_alpha_0_and_1(batchnorm):
-  x, y, model, variables = tiny_model("contextual", batchnorm=batchnorm)
+def test_mtl_ibp_equals_its_parts_at_alpha_0_and_1():
+  x, y, model, variables = tiny_model("contextual", batchnorm=True)
   kw = dict(eps0=0.1, kappa=0.3, beta=1.0, key=jax.random.key(5))
   opts = lambda a: methods.MethodOptions(mtl_alpha=a, attack_steps=3)
   ibp_only = methods.get("ibp")(model, variables, x, y, options=opts(1.0), **kw)
@@ -128,9 +118,11 @@ def test_mtl_ibp_equals_its_parts_at_alpha_0_and_1(batchnorm):
 
 
 def _growth_factors(params_of, eps=0.01):
-  """Per-layer growth of the mean IBP radius of CNN-7's pre-activations at init (BN: identity)."""
-  model = CertifiedModel.create(dataset="mnist", classifier="cnn7", budget="uniform")
-  x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+  """Per-layer growth of the mean IBP radius of CNN-7's pre-activations at init (BN: identity),
+  on 8x8 images to keep the test cheap (the widths of the layers are CNN-7's)."""
+  config = budgets.make_budget_config("uniform", None)
+  model = CertifiedModel(classifiers.get_classifier("cnn7", 10), None, config, 10)
+  x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
   variables = model.init(jax.random.key(1), x)
   variables = variables._replace(params={**variables.params, "classifier": params_of(variables)})
   box = Box.from_budget(x, eps, None)
