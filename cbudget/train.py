@@ -67,6 +67,8 @@ class TrainConfig:
   lr_decay: str = "0.75,0.9"  # fractions of training where the LR drops, "" or "none": none
   lr_decay_factor: float = 0.1
   train_eps_factor: float = 1.0  # train at ε₀·factor, evaluate at ε₀
+  precise_bn: bool = False  # recompute BatchNorm's statistics on clean data after each epoch
+  precise_bn_batches: int = 20
   beta_schedule: str = "linear"  # CROWN-IBP's β: "linear" 1 → 0 over the ramp, or "eps" 1 − ε/ε_max
 
   # Fields that must match to resume from a workdir.
@@ -323,6 +325,16 @@ def _augment(config: TrainConfig) -> bool:
   return data.info(config.dataset).base == "cifar10"  # crops and flips suit CIFAR-like images
 
 
+def _with_precise_bn(state, setup, train_set, config, epoch, put_replicated):
+  """The state with BatchNorm's statistics recomputed on ``precise_bn_batches`` clean batches."""
+  if state.variables.batch_stats is None:
+    return state
+  batches = data.batches(train_set, config.batch_size, seed=config.seed + 1, epoch=epoch)
+  images = (b["image"] for _, b in zip(range(config.precise_bn_batches), batches))
+  variables = setup.model.precise_batch_stats(state.variables, images)
+  return state._replace(variables=put_replicated(variables))
+
+
 def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
   """Train (or resume) and return the final metrics. Writes to ``config.workdir``:
 
@@ -407,6 +419,8 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
           if not config.skip_nonfinite:
             raise NonFiniteError(msg)
           log.warning("%s Skipping the step (--skip_nonfinite).", msg)
+        if config.precise_bn and step % setup.steps_per_epoch == 0:  # before any checkpoint
+          state = _with_precise_bn(state, setup, train_set, config, epoch, put_replicated)
         if step % config.log_every == 0 or step == setup.total_steps:
           last = {k: float(v) for k, v in metrics.items()}
           last.update(step=step, epoch=epoch, seconds=time.time() - t0)

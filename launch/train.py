@@ -55,6 +55,8 @@ flags.DEFINE_string(
 )
 flags.DEFINE_float("lr_decay_factor", 0.1, "Factor of each learning-rate drop.")
 flags.DEFINE_float("train_eps_factor", 1.0, "Train at ε₀·factor (CROWN-IBP: 1.1–1.33), test at ε₀.")
+flags.DEFINE_bool("precise_bn", False, "Recompute BatchNorm statistics on clean data each epoch.")
+flags.DEFINE_integer("precise_bn_batches", 20, "Batches that --precise_bn pools statistics over.")
 flags.DEFINE_enum(
   "beta_schedule", "linear", ["linear", "eps"], "CROWN-IBP β: linear 1→0, or eps: 1 − ε/ε_max."
 )

@@ -1,5 +1,6 @@
 """cbudget.methods: SABR, MTL-IBP, fast IBP initialisation and regularisers, schedule details."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbudget import budgets, methods
+from cbudget import budgets, data, methods
 from cbudget.attacks import margins
 from cbudget.bounds import Box
+from cbudget.evaluate import load_run
 from cbudget.model import CertifiedModel
 from cbudget.models import classifiers, generators
 from cbudget.models.generators import SmallGenerator
@@ -62,11 +64,40 @@ def test_every_method_trains_in_every_budget_mode(mode):
 
 
 def test_train_runs_a_new_method_end_to_end(tmp_path):
+  """SABR with fast init and regularisers on a BatchNorm net, with precise BatchNorm statistics
+  after the epoch (two steps): the saved statistics are the pooled ones, not moving averages."""
   config = tiny_config(
-    tmp_path / "sabr", method="sabr", steps=2, train_attack_steps=2, init="fast", fast_reg=1.0
+    tmp_path / "sabr",
+    model="resnet",
+    method="sabr",
+    num_train_examples=64,
+    steps=2,
+    train_attack_steps=2,
+    init="fast",
+    fast_reg=1.0,
+    precise_bn=True,
+    precise_bn_batches=1,
   )
   result = train(config)
   assert result["step"] == 2 and np.isfinite(result["loss"])
+  state = load_run(config.workdir).state
+  train_set = data.load("shapes", "train", seed=0, num_examples=64)
+  first = next(iter(data.batches(train_set, 32, seed=1, epoch=0)))["image"]
+  model = make_setup(config, 2).model
+  expected = model.precise_batch_stats(state.variables, [first]).batch_stats
+  chex.assert_trees_all_close(state.variables.batch_stats, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_precise_batch_stats_pool_batches_exactly():
+  """Pooled over equal batches, the statistics are those of their union (mean and variance)."""
+  x, _, model, variables = tiny_model("uniform", batchnorm=True, n=8)
+  pooled = model.precise_batch_stats(variables, [x[:4], x[4:]]).batch_stats
+  whole = model.precise_batch_stats(variables, [x]).batch_stats
+  chex.assert_trees_all_close(pooled, whole, rtol=1e-5, atol=1e-6)
+  batch_stats = model.training_logits(variables, x)[1].batch_stats
+  chex.assert_trees_all_close(whole, batch_stats, rtol=1e-5, atol=1e-6)
+  _, _, plain_model, plain = tiny_model("uniform")
+  assert plain_model.precise_batch_stats(plain, [x]) is plain
 
 
 @settings(max_examples=30, deadline=None)
