@@ -28,6 +28,7 @@ Array = Any
 LogitsFn = Callable[[Array], Array]
 
 _LOSSES = ("margin", "ce")
+ATTACKS = ("pgd", "strong")  # evaluation: PGD alone, or the worst case of PGD and APGD, both losses
 
 
 def margins(logits: Array, y: Array) -> Array:
@@ -130,6 +131,135 @@ def pgd_attack(
   best0 = (x, margins(logits_fn(x), y))
   (best_x, _), _ = jax.lax.scan(one_restart, best0, jax.random.split(key, restarts))
   return best_x
+
+
+def _apgd_checkpoints(steps: int) -> list[int]:
+  """The iterations where APGD (Croce & Hein 2020) may halve its step: p_0 = 0, p_1 = 0.22,
+  p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), as shares of ``steps``."""
+  shares = [0.0, 0.22]
+  while shares[-1] < 1:
+    shares.append(shares[-1] + max(shares[-1] - shares[-2] - 0.03, 0.06))
+  return sorted({int(round(p * steps)) for p in shares[1:] if 0 < p * steps < steps})
+
+
+def apgd_attack(
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  eps: Array,
+  *,
+  steps: int = 20,
+  key: Array,
+  domain: tuple[float, float] = (0.0, 1.0),
+  loss: str = "ce",
+) -> Array:
+  """Signed-gradient PGD with APGD's step-size schedule and momentum, in the non-uniform box.
+
+  Per example, the step starts at ``2·eps`` (per dimension) and halves at APGD's checkpoints when
+  the objective has not improved since the previous one, restarting from the best point; steps
+  mix in momentum 0.75 (Croce & Hein 2020, here with signed gradients for the l-inf-like box).
+  Returns, per example, the point of lowest margin seen (the clean input included).
+  """
+  if loss not in _LOSSES:
+    raise ValueError(f"Unknown loss {loss!r}; valid: {_LOSSES}")
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  eps = jnp.broadcast_to(jnp.asarray(eps, dtype=x.dtype), x.shape)
+  lower, upper = Box.from_budget(x, eps, domain)
+  project = lambda z: jnp.clip(z, lower, upper)
+  checkpoint = jnp.zeros(steps + 1, bool).at[jnp.asarray(_apgd_checkpoints(steps), int)].set(True)
+
+  def evaluate(z):
+    logits = logits_fn(z)
+    obj = _attack_objective(logits, y, loss)
+    return jnp.sum(obj), (obj, margins(logits, y))
+
+  grad_fn = jax.value_and_grad(evaluate, has_aux=True)
+  n = x.shape[0]
+  z0 = project(lower + jax.random.uniform(key, x.shape, dtype=x.dtype) * (upper - lower))
+  (_, (obj0, m0)), g0 = grad_fn(z0)
+  clean_margin = margins(logits_fn(x), y)
+  first = m0 < clean_margin
+  best_margin = (_per_example_where(first, z0, x), jnp.where(first, m0, clean_margin))
+  state = dict(
+    z=z0,
+    prev=z0,
+    grad=g0,
+    step=jnp.full((n,), 2.0, x.dtype),
+    best_obj=obj0,
+    best_z=z0,
+    obj_at_checkpoint=obj0,
+    best_margin=best_margin,
+  )
+
+  def body(k, s):
+    scale = s["step"].reshape((n,) + (1,) * (x.ndim - 1))
+    candidate = project(s["z"] + scale * eps * jnp.sign(s["grad"]))
+    momentum = 0.75
+    z = project(s["z"] + momentum * (candidate - s["z"]) + (1 - momentum) * (s["z"] - s["prev"]))
+    (_, (obj, margin)), grad = grad_fn(z)
+    improved = obj > s["best_obj"]
+    best_z = _per_example_where(improved, z, s["best_z"])
+    best_obj = jnp.where(improved, obj, s["best_obj"])
+    bx, bm = s["best_margin"]
+    lower_margin = margin < bm
+    best_margin = (_per_example_where(lower_margin, z, bx), jnp.where(lower_margin, margin, bm))
+    # At a checkpoint, examples that made no progress halve their step and restart from the best.
+    stalled = checkpoint[k + 1] & (best_obj <= s["obj_at_checkpoint"])
+    step = jnp.where(stalled, s["step"] / 2, s["step"])
+    z_next = _per_example_where(stalled, best_z, z)
+    prev = _per_example_where(stalled, best_z, s["z"])
+    # (No gradient at the best point is at hand: a restarted example waits one step for it.)
+    grad = _per_example_where(stalled, jnp.zeros_like(grad), grad)
+    obj_at_checkpoint = jnp.where(checkpoint[k + 1], best_obj, s["obj_at_checkpoint"])
+    return dict(
+      z=z_next,
+      prev=prev,
+      grad=grad,
+      step=step,
+      best_obj=best_obj,
+      best_z=best_z,
+      obj_at_checkpoint=obj_at_checkpoint,
+      best_margin=best_margin,
+    )
+
+  state = jax.lax.fori_loop(0, steps, body, state)
+  return state["best_margin"][0]
+
+
+def strong_attack_error(
+  logits_fn: LogitsFn,
+  x: Array,
+  y: Array,
+  eps: Array,
+  *,
+  key: Array,
+  steps: int = 20,
+  restarts: int = 1,
+  domain: tuple[float, float] = (0.0, 1.0),
+) -> Array:
+  """Per-example bool: misclassified by the worst of PGD (margin loss, the same run as
+  :func:`pgd_error` with the same ``key``), PGD with cross-entropy, and APGD with each loss,
+  every attack with ``restarts`` random starts."""
+  wrong = pgd_error(logits_fn, x, y, eps, steps=steps, restarts=restarts, key=key, domain=domain)
+  keys = jax.random.split(jax.random.fold_in(key, 1), 1 + 2 * restarts)
+  wrong = wrong | _wrong(
+    logits_fn,
+    pgd_attack(
+      logits_fn, x, y, eps, steps=steps, restarts=restarts, key=keys[0], domain=domain, loss="ce"
+    ),
+    y,
+  )
+  for r in range(restarts):
+    for i, loss in enumerate(_LOSSES):
+      point = apgd_attack(
+        logits_fn, x, y, eps, steps=steps, key=keys[1 + 2 * r + i], domain=domain, loss=loss
+      )
+      wrong = wrong | _wrong(logits_fn, point, y)
+  return wrong
+
+
+def _wrong(logits_fn: LogitsFn, x: Array, y: Array) -> Array:
+  return jnp.argmax(logits_fn(x), axis=-1) != y
 
 
 def pgd_error(logits_fn: LogitsFn, x: Array, y: Array, eps: Array, **kwargs: Any) -> Array:

@@ -26,7 +26,7 @@ import numpy as np
 from cbudget import budgets as budgets_lib
 from cbudget import certify as certify_boxes
 from cbudget import data, metrics
-from cbudget.attacks import pgd_error
+from cbudget.attacks import ATTACKS, pgd_error, strong_attack_error
 from cbudget.model import CertifiedModel, Variables
 from cbudget.objective import DEFAULT_EVAL_METHODS, EVAL_METHODS
 from cbudget.train import Setup, TrainConfig, TrainState, config_from_dict, init_state, make_setup
@@ -132,6 +132,7 @@ def certify(
   batch_size: int = 100,
   pgd_steps: int = 20,
   pgd_restarts: int = 1,
+  attack: str = "strong",
   crown_chunk_size: int | None = None,
   crown_memory_gib: float = 2.0,
   crown_examples: int | None = None,
@@ -146,8 +147,13 @@ def certify(
   Full CROWN works in chunks: ``crown_chunk_size`` (row, example) pairs per backward pass, or, by
   default, as many as fit ``crown_memory_gib``; it runs on the first ``crown_examples`` examples
   only, when given. With ``x64``, certification is repeated in float64. Progress (examples done,
-  rate, time left) is logged after every batch.
+  rate, time left) is logged after every batch. ``attack``: ``"pgd"`` (signed PGD, margin loss) or
+  ``"strong"`` (the worst case of PGD and APGD with the margin and the cross-entropy loss, each
+  with ``pgd_restarts`` starts; it finds every error PGD finds with the same seed).
   """
+  if attack not in ATTACKS:
+    raise ValueError(f"unknown attack {attack!r}; choose one of {ATTACKS}")
+  attack_error = strong_attack_error if attack == "strong" else pgd_error
   for m in methods:
     if m not in EVAL_METHODS:
       raise ValueError(f"unknown method {m!r}; choose from {EVAL_METHODS}")
@@ -166,7 +172,7 @@ def certify(
   logits_of = jax.jit(model.logits)
   bound_fns = {m: jax.jit(lambda v, x, eps, y, m=m: lower_bounds(v, x, eps, y, m)) for m in methods}
   attack = jax.jit(
-    lambda v, x, y, eps, key: pgd_error(
+    lambda v, x, y, eps, key: attack_error(
       lambda z: model.logits(v, z), x, y, eps, steps=pgd_steps, restarts=pgd_restarts, key=key
     )
   )
@@ -318,6 +324,7 @@ def evaluate(
   plot: str | None = None,
   pgd_steps: int = 20,
   pgd_restarts: int = 1,
+  attack: str = "strong",
   threat: str = "own",
   certified_box_examples: int = 0,
   **certify_options,
@@ -343,12 +350,13 @@ def evaluate(
     run.config.eps,
     pgd_steps=pgd_steps,
     pgd_restarts=pgd_restarts,
+    attack=attack,
     threat=threat_,
     **certify_options,
   )
   check_consistency(result)
   results = report(run.config, result, test_set, workdir, threat_)
-  results["pgd"] = {"steps": pgd_steps, "restarts": pgd_restarts}
+  results["pgd"] = {"steps": pgd_steps, "restarts": pgd_restarts, "attack": attack}
   if certified_box_examples:
     k = certified_box_examples
     x, y = jnp.asarray(test_set.images[:k]), jnp.asarray(test_set.labels[:k])

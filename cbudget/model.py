@@ -139,6 +139,45 @@ class CertifiedModel:
     )
     return logits, variables._replace(batch_stats=batch_stats), running
 
+  def precise_batch_stats(self, variables: Variables, images) -> Variables:
+    """``variables`` with BatchNorm's running statistics recomputed on the batches ``images``
+    (an iterable of clean image batches): the population mean and variance of each layer's inputs
+    in training mode, pooled over the batches, in place of the moving averages (precise BatchNorm,
+    Wu & Johnson 2021), so inference-mode bounds describe the trained net. Without BatchNorm,
+    ``variables`` unchanged."""
+    if variables.batch_stats is None:
+      return variables
+    batch_model = self.classifier.clone(bn_momentum=0.0)
+
+    @jax.jit
+    def stats_of(x):
+      _, updated = batch_model.apply(
+        self.classifier_variables(variables), x, train=True, mutable=["batch_stats"]
+      )
+      # Per layer: E[x] and E[x²] of this batch (var + mean²), pooled below.
+      return jax.tree.map(
+        lambda layer: {"mean": layer["mean"], "var": layer["var"] + layer["mean"] ** 2},
+        updated["batch_stats"],
+        is_leaf=lambda t: isinstance(t, dict) and "mean" in t,
+      )
+
+    sums, count = None, 0
+    for x in images:
+      moments = stats_of(x)
+      sums = moments if sums is None else jax.tree.map(lambda a, b: a + b, sums, moments)
+      count += 1
+    if count == 0:
+      raise ValueError("precise_batch_stats needs at least one batch of images")
+    pooled = jax.tree.map(
+      lambda layer: {
+        "mean": layer["mean"] / count,
+        "var": jax.numpy.maximum(layer["var"] / count - (layer["mean"] / count) ** 2, 0.0),
+      },
+      sums,
+      is_leaf=lambda t: isinstance(t, dict) and "mean" in t,
+    )
+    return variables._replace(batch_stats=pooled)
+
   def margin_bounds(
     self, variables: Variables, box: Box, labels, method: str, beta=1.0, **crown_options
   ) -> jax.Array:

@@ -20,10 +20,9 @@ import numpy as np
 import optax
 
 from cbudget import budgets as budgets_lib
-from cbudget import data, schedules, workdir
+from cbudget import data, methods, schedules, workdir
 from cbudget.model import CertifiedModel, Variables
 from cbudget.models import classifiers
-from cbudget.objective import TRAIN_METHODS
 
 log = logging.getLogger("cbudget.train")
 
@@ -59,6 +58,19 @@ class TrainConfig:
   log_every: int = 50
   checkpoint_every: int = 200
   skip_nonfinite: bool = False
+  # Methods (cbudget/methods.py) and their settings.
+  sabr_lambda: float = 0.4
+  mtl_alpha: float = 0.5
+  train_attack_steps: int = 8
+  init: str = "default"  # "fast": Shi et al.'s IBP initialisation of the classifier
+  fast_reg: float = 0.0  # weight of Shi et al.'s warm-up regularisers
+  # Schedule details.
+  lr_decay: str = "0.75,0.9"  # fractions of training where the LR drops, "" or "none": none
+  lr_decay_factor: float = 0.1
+  train_eps_factor: float = 1.0  # train at ε₀·factor, evaluate at ε₀
+  precise_bn: bool = False  # recompute BatchNorm's statistics on clean data after each epoch
+  precise_bn_batches: int = 20
+  beta_schedule: str = "linear"  # CROWN-IBP's β: "linear" 1 → 0 over the ramp, or "eps" 1 − ε/ε_max
 
   # Fields that must match to resume from a workdir.
   IDENTITY = (
@@ -95,8 +107,17 @@ def validate(config: TrainConfig):
     raise ValueError(
       f"--model={config.model!r} is unknown; choose one of {classifiers.CLASSIFIERS}"
     )
-  if config.method not in TRAIN_METHODS:
-    raise ValueError(f"--method={config.method!r} cannot train; choose one of {TRAIN_METHODS}")
+  methods.get(config.method)
+  method_options(config)
+  lr_milestones(config.lr_decay)
+  if config.init not in INITS:
+    raise ValueError(f"--init={config.init!r} is unknown; choose one of {INITS}")
+  if config.beta_schedule not in BETA_SCHEDULES:
+    raise ValueError(
+      f"--beta_schedule={config.beta_schedule!r} is unknown; choose one of {BETA_SCHEDULES}"
+    )
+  if not config.train_eps_factor >= 1:
+    raise ValueError(f"--train_eps_factor must be >= 1, got {config.train_eps_factor}")
   if not config.eps > 0:
     raise ValueError(f"--eps must be > 0 (the target ε₀), got {config.eps}")
   if config.eps > budgets_lib.DOMAIN_WIDTH:
@@ -105,6 +126,35 @@ def validate(config: TrainConfig):
     )
   budgets_lib.make_budget_config(
     config.budget, config.budget_range, config.per_pixel, config.volume
+  )
+
+
+INITS = ("default", "fast")
+BETA_SCHEDULES = ("linear", "eps")
+
+
+def lr_milestones(spec: str) -> tuple[float, ...]:
+  """``"0.75,0.9"`` -> ``(0.75, 0.9)``: the shares of training where the learning rate drops."""
+  if spec.strip().lower() in ("", "none"):
+    return ()
+  try:
+    values = tuple(float(v) for v in spec.split(","))
+  except ValueError:
+    values = ()
+  if not values or any(not 0 < v < 1 for v in values) or list(values) != sorted(values):
+    raise ValueError(
+      f"--lr_decay={spec!r} must be increasing fractions in (0, 1), e.g. '0.75,0.9', or 'none'"
+    )
+  return values
+
+
+def method_options(config: TrainConfig) -> methods.MethodOptions:
+  return methods.MethodOptions(
+    sabr_lambda=config.sabr_lambda,
+    mtl_alpha=config.mtl_alpha,
+    attack_steps=config.train_attack_steps,
+    fast_reg=config.fast_reg,
+    eps_max=config.eps * config.train_eps_factor,
   )
 
 
@@ -146,9 +196,12 @@ def make_setup(config: TrainConfig, steps_per_epoch: int) -> Setup:
   ramp = schedules.ramp(warmup, int(config.ramp_fraction * total), config.eps_schedule)
   linear = schedules.ramp(warmup, int(config.ramp_fraction * total), "linear")
 
+  drops = {}
+  for share in lr_milestones(config.lr_decay):  # two shares may land on one step: factors multiply
+    drops[int(share * total)] = drops.get(int(share * total), 1.0) * config.lr_decay_factor
+
   def lr_schedule(base):
-    # Step decay (x0.1 at 75% and 90% of training), as common in certified training.
-    return optax.piecewise_constant_schedule(base, {int(0.75 * total): 0.1, int(0.9 * total): 0.1})
+    return optax.piecewise_constant_schedule(base, drops)
 
   def opt(lr):
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(lr_schedule(lr)))
@@ -157,14 +210,19 @@ def make_setup(config: TrainConfig, steps_per_epoch: int) -> Setup:
     {"classifier": opt(config.lr), "budget": opt(config.generator_lr)},
     lambda params: {k: jax.tree.map(lambda _: k, v) for k, v in params.items()},
   )
+  eps_max = config.eps * config.train_eps_factor
+  if config.beta_schedule == "eps":  # auto_LiRPA: β = 1 − ε₀/ε_max, tied to the ε ramp
+    beta = schedules.interpolate(ramp, 1.0, 0.0)
+  else:
+    beta = schedules.interpolate(linear, 1.0, 0.0)
   return Setup(
     make_model(config),
     optimizer,
     steps_per_epoch,
     total,
-    eps0=schedules.interpolate(ramp, 0.0, config.eps),
+    eps0=schedules.interpolate(ramp, 0.0, eps_max),
     kappa=schedules.interpolate(linear, 1.0, config.kappa_end),
-    beta=schedules.interpolate(linear, 1.0, 0.0),
+    beta=beta,
   )
 
 
@@ -173,22 +231,29 @@ def init_state(setup: Setup, config: TrainConfig, example=None) -> TrainState:
   if example is None:
     example = jnp.zeros((1,) + data.info(config.dataset).shape, jnp.float32)
   variables = setup.model.init(jax.random.key(config.seed), example)
+  if config.init == "fast":
+    fast = methods.fast_init(variables.params["classifier"], jax.random.key(config.seed + 1))
+    variables = variables._replace(params={**variables.params, "classifier": fast})
   return TrainState(jnp.asarray(0, jnp.int32), variables, setup.optimizer.init(variables.params))
 
 
 def make_train_step(setup: Setup, config: TrainConfig):
   """The jit-compiled step: ``(state, image, label) -> (state, metrics)``."""
+  options = method_options(config)
+  attack_key = jax.random.key(config.seed + 2)
 
   def loss_fn(params, batch_stats, image, label, step):
     eps0, kappa, beta = setup.eps0(step), setup.kappa(step), setup.beta(step)
-    out = setup.model.certified_loss(
+    out = methods.get(config.method)(
+      setup.model,
       Variables(params, batch_stats),
       image,
       label,
       eps0=eps0,
       kappa=kappa,
       beta=beta,
-      method=config.method,
+      key=jax.random.fold_in(attack_key, step),  # a function of the step: resumes exactly
+      options=options,
     )
     stats = budgets_lib.budget_stats(out.eps, image)
     metrics = {
@@ -267,6 +332,16 @@ def _augment(config: TrainConfig) -> bool:
   if config.augment is not None:
     return config.augment
   return data.info(config.dataset).base == "cifar10"  # crops and flips suit CIFAR-like images
+
+
+def _with_precise_bn(state, setup, train_set, config, epoch, put_replicated):
+  """The state with BatchNorm's statistics recomputed on ``precise_bn_batches`` clean batches."""
+  if state.variables.batch_stats is None:
+    return state
+  batches = data.batches(train_set, config.batch_size, seed=config.seed + 1, epoch=epoch)
+  images = (b["image"] for _, b in zip(range(config.precise_bn_batches), batches))
+  variables = setup.model.precise_batch_stats(state.variables, images)
+  return state._replace(variables=put_replicated(variables))
 
 
 def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
@@ -353,6 +428,8 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
           if not config.skip_nonfinite:
             raise NonFiniteError(msg)
           log.warning("%s Skipping the step (--skip_nonfinite).", msg)
+        if config.precise_bn and step % setup.steps_per_epoch == 0:  # before any checkpoint
+          state = _with_precise_bn(state, setup, train_set, config, epoch, put_replicated)
         if step % config.log_every == 0 or step == setup.total_steps:
           last = {k: float(v) for k, v in metrics.items()}
           last.update(step=step, epoch=epoch, seconds=time.time() - t0)

@@ -25,6 +25,12 @@ flags.DEFINE_list(
 flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
 flags.DEFINE_integer("pgd_steps", 20, "PGD steps.")
 flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
+flags.DEFINE_enum(
+  "attack",
+  "strong",
+  ["pgd", "strong"],
+  "pgd, or the worst of PGD and APGD with margin and CE loss.",
+)
 flags.DEFINE_integer(
   "crown_chunk_size",
   None,
@@ -69,6 +75,7 @@ def main(argv):
       "batch_size",
       "pgd_steps",
       "pgd_restarts",
+      "attack",
       "crown_chunk_size",
       "crown_memory_gib",
       "crown_examples",

@@ -58,6 +58,22 @@ for _family, _base in _BASE.items():
       PRESETS[_name] = _values
       FAMILY[_name] = _family
 
+# The same presets trained with today's methods (cbudget/methods.py), to compare methods x budget
+# modes at the same volume: `<preset>_sabr`, `<preset>_mtl-ibp`, `<preset>_ibp-fast` (IBP with
+# Shi et al.'s initialisation and warm-up regularisers). λ and α are the methods' defaults, not
+# tuned per dataset. `launch.reproduce` runs them only when named (--only).
+_METHOD_VARIANTS = {
+  "sabr": dict(method="sabr"),
+  "mtl-ibp": dict(method="mtl-ibp"),
+  "ibp-fast": dict(method="ibp", init="fast", fast_reg=0.5),
+}
+METHOD_VARIANTS = {}  # preset name -> the method's values (they win over the schedule's method)
+for _name in list(PRESETS):
+  for _suffix, _values in _METHOD_VARIANTS.items():
+    PRESETS[f"{_name}_{_suffix}"] = dict(PRESETS[_name], **_values)
+    FAMILY[f"{_name}_{_suffix}"] = FAMILY[_name]
+    METHOD_VARIANTS[f"{_name}_{_suffix}"] = _values
+
 DEMO = dict(dataset="shapes", model="dm_small", budget="contextual")
 
 
@@ -68,7 +84,7 @@ def preset_values(name: str, schedule: str = "cpu") -> dict:
   if name not in PRESETS:
     raise ValueError(f"unknown --preset={name!r}; choose one of {sorted(PRESETS)} or 'demo'")
   cpu, paper = _SCHEDULES[FAMILY[name]]
-  return {**PRESETS[name], **(cpu if schedule == "cpu" else paper)}
+  return {**PRESETS[name], **(cpu if schedule == "cpu" else paper), **METHOD_VARIANTS.get(name, {})}
 
 
 def train_config(name: str, schedule: str = "cpu", **overrides):

@@ -173,7 +173,11 @@ def main(argv):
   from cbudget.workdir import atomic_write_text
 
   os.makedirs(FLAGS.results_dir, exist_ok=True)
-  names = FLAGS.only or [n for n in presets.PRESETS if presets.FAMILY[n] in FLAGS.families]
+  names = FLAGS.only or [
+    n
+    for n in presets.PRESETS
+    if presets.FAMILY[n] in FLAGS.families and n not in presets.METHOD_VARIANTS
+  ]
   epsilons = [float(e) for e in FLAGS.sweep_eps] or [None]
   for name in names:
     for eps in epsilons:

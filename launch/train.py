@@ -16,7 +16,7 @@ from cbudget.budgets import BUDGET_MODES
 from cbudget.budgets import VOLUMES as BUDGET_VOLUMES
 from cbudget.models.classifiers import CLASSIFIERS
 from cbudget.models.generators import GENERATORS
-from cbudget.objective import TRAIN_METHODS
+from cbudget.methods import TRAIN_METHODS
 from launch import presets
 from launch.common import parse_range, run_main, setup_devices
 
@@ -45,7 +45,29 @@ flags.DEFINE_enum(
   "Volume constraint: 'nominal' (mean log ε = log ε₀) or 'effective' (the boxes clipped to "
   "[0, 1] have a uniform ε₀'s log-volume on the same image).",
 )
-flags.DEFINE_enum("method", "ibp", list(TRAIN_METHODS), "Bound method for the certified loss.")
+flags.DEFINE_enum(
+  "method",
+  "ibp",
+  list(TRAIN_METHODS),
+  "Training method (cbudget/methods.py): bounds or SABR/MTL-IBP.",
+)
+flags.DEFINE_float("sabr_lambda", 0.4, "SABR: the small box's radius is λ·ε(x), 0 < λ <= 1.")
+flags.DEFINE_float("mtl_alpha", 0.5, "MTL-IBP: α·IBP loss + (1 − α)·adversarial loss.")
+flags.DEFINE_integer("train_attack_steps", 8, "PGD steps of SABR's and MTL-IBP's training attack.")
+flags.DEFINE_enum(
+  "init", "default", ["default", "fast"], "Classifier init (fast: Shi et al. 2021)."
+)
+flags.DEFINE_float("fast_reg", 0.0, "Weight of Shi et al.'s warm-up regularisers (0: off).")
+flags.DEFINE_string(
+  "lr_decay", "0.75,0.9", "Shares of training where the LR drops ('none': no drop)."
+)
+flags.DEFINE_float("lr_decay_factor", 0.1, "Factor of each learning-rate drop.")
+flags.DEFINE_float("train_eps_factor", 1.0, "Train at ε₀·factor (CROWN-IBP: 1.1–1.33), test at ε₀.")
+flags.DEFINE_bool("precise_bn", False, "Recompute BatchNorm statistics on clean data each epoch.")
+flags.DEFINE_integer("precise_bn_batches", 20, "Batches that --precise_bn pools statistics over.")
+flags.DEFINE_enum(
+  "beta_schedule", "linear", ["linear", "eps"], "CROWN-IBP β: linear 1→0, or eps: 1 − ε/ε_max."
+)
 flags.DEFINE_integer("epochs", 20, "Training epochs.")
 flags.DEFINE_integer("steps", None, "Training steps (overrides --epochs).")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
