@@ -17,7 +17,6 @@ import optax
 
 from cbudget.bounds import Box, alpha_crown, crown, crown_ibp, ibp
 
-TRAIN_METHODS = ("ibp", "crown-ibp")
 EVAL_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 DEFAULT_EVAL_METHODS = EVAL_METHODS[:3]  # α-CROWN is slow: evaluation runs it only when asked
 
