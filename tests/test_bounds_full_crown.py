@@ -11,7 +11,7 @@ from tests.nets import RandomNet, init_net, sample_box_points
 
 @pytest.mark.parametrize(
   "kind,activation,depth",
-  [("mlp", "relu", 2), ("mlp", "relu", 3), ("residual", "relu", 3), ("conv", "hard_tanh", 3)],
+  [("mlp", "relu", 2), ("mlp", "hard_tanh", 3), ("residual", "relu", 3)],
 )
 def test_sparse_matches_dense_and_is_sound(kind, activation, depth):
   # Skipped elements are those whose relaxation is already exact (stable neurons), and it stays
@@ -20,15 +20,15 @@ def test_sparse_matches_dense_and_is_sound(kind, activation, depth):
   # tightens the stable neurons' IBP bounds, and so the IBP bounds of later layers that each CROWN
   # bound is intersected with: where IBP is the tighter one the dense bound can be slightly tighter.
   with jax.enable_x64(True):
-    net = RandomNet(kind, activation, depth=depth, width=6)
-    x = jax.random.uniform(jax.random.key(0), (3, 6, 6, 1), jnp.float64)
+    net = RandomNet(kind, activation, depth=depth, width=4)
+    x = jax.random.uniform(jax.random.key(0), (2, 5, 5, 1), jnp.float64)
     params = init_net(net, x, 1)
     f = lambda p, z: net.apply(p, z)
     box = cb.Box.from_budget(x, 0.04)
-    dense = cb.crown(f, "crown", sparse=False, chunk_size=50)(params, box)
+    dense = cb.crown(f, "crown", sparse=False, chunk_size=40)(params, box)
     width = float(jnp.max(dense.upper - dense.lower))
     tol = {"rtol": 1e-9, "atol": 1e-12} if depth == 2 else {"rtol": 0, "atol": 1e-2 * width}
-    for chunk in (50, None):
+    for chunk in (40, None):
       sparse = jax.jit(cb.crown(f, "crown", chunk_size=chunk))(params, box)
       np.testing.assert_allclose(sparse.lower, dense.lower, **tol)
       np.testing.assert_allclose(sparse.upper, dense.upper, **tol)
@@ -37,11 +37,13 @@ def test_sparse_matches_dense_and_is_sound(kind, activation, depth):
 
 
 def test_skipped_chunks_still_give_gradients():
-  net = RandomNet("mlp", "relu", depth=2, width=8)
-  x = jax.random.uniform(jax.random.key(3), (2, 4, 4, 1))
+  net = RandomNet("mlp", "relu", depth=2, width=6)
+  x = jax.random.uniform(jax.random.key(3), (2, 3, 3, 1))
   params = init_net(net, x, 2)
   f = lambda p, z: net.apply(p, z)
-  lower = lambda eps: cb.crown(f, "crown", chunk_size=6)(params, cb.Box.from_budget(x, eps)).lower
+  lower = jax.jit(
+    lambda eps: cb.crown(f, "crown", chunk_size=6)(params, cb.Box.from_budget(x, eps)).lower
+  )
   eps, step = 0.02, 1e-3
   grad = jax.grad(lambda e: lower(e).sum())(eps)
   finite_difference = (lower(eps + step).sum() - lower(eps - step).sum()) / (2 * step)
