@@ -3,9 +3,10 @@ r"""Benchmark: certified training steps against a clean training step.
   python -m bench.train_step [--nets mlp,cnn_small,dm_small,cnn7] [--steps 20]
 
 For each net: the median wall-clock (over --steps calls after compilation) of a clean step, an IBP
-step and a CROWN-IBP step (SGD-style: loss, gradient, Adam update), with uniform boxes and with
+step, a CROWN-IBP step and one with loss fusion (SGD-style: loss, gradient, Adam update), with uniform boxes and with
 contextual generators (``--generators``), and the ratio of each to the clean step; XLA's planned
-memory per step; and the throughput of full-CROWN certification. mlp and cnn_small are the nets of the auto_LiRPA
+memory per step; and the throughput of full-CROWN certification, with sparse and dense
+intermediate bounds. mlp and cnn_small are the nets of the auto_LiRPA
 reference numbers in the README (there: torch CPU, batch 128, 2 threads).
 """
 
@@ -31,6 +32,7 @@ flags.DEFINE_list("generators", ["coarse", "small"], "Generators timed in contex
 flags.DEFINE_bool("train_steps", True, "Time the training steps.")
 flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
 flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
+flags.DEFINE_list("crown_modes", ["sparse", "dense"], "Full-CROWN intermediate bounds timed.")
 
 
 def clean_step_fn(setup):
@@ -58,7 +60,7 @@ def bench_net(name):
   runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
   runs = runs if FLAGS.train_steps else []
   for budget, generator in runs:
-    for method in ("clean", "ibp", "crown-ibp"):
+    for method in ("clean", "ibp", "crown-ibp", "crown-ibp fused"):
       if method == "clean" and (budget, generator) != runs[0]:
         continue
       config = TrainConfig(
@@ -66,7 +68,8 @@ def bench_net(name):
         model="mlp",
         budget=budget,
         generator=generator or "coarse",
-        method="ibp" if method == "clean" else method,
+        method={"clean": "ibp", "crown-ibp fused": "crown-ibp"}.get(method, method),
+        loss_fusion=method == "crown-ibp fused",
         eps=0.1,
         batch_size=FLAGS.batch,
         steps=1000,
@@ -92,21 +95,17 @@ def bench_net(name):
     xb, yb = x[: FLAGS.crown_batch], y[: FLAGS.crown_batch]
     variables = model.init(jax.random.key(1), xb[:1])
     f = lambda v, z: model.apply(v, z, train=False)
-    certify = jax.jit(
-      lambda v: (
-        crown(f, "crown", chunk_size=4096, need_upper=False)(
-          v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)
-        ).lower
+    for mode in FLAGS.crown_modes:
+      bound = crown(f, "crown", chunk_size=4096, need_upper=False, sparse=mode == "sparse")
+      certify = jax.jit(lambda v: bound(v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)).lower)
+      seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
+      peak = device_peak_mib()
+      peak_s = "" if peak is None else f", device peak so far {peak:.0f} MiB"
+      print(
+        f"  {'full CROWN, ' + mode:28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
+        f"(batch {FLAGS.crown_batch}, chunk_size 4096{peak_s})",
+        flush=True,
       )
-    )
-    seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
-    peak = device_peak_mib()
-    peak_s = "" if peak is None else f", device peak so far {peak:.0f} MiB"
-    print(
-      f"  {'full CROWN certification':28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
-      f"(batch {FLAGS.crown_batch}, chunk_size 4096{peak_s})",
-      flush=True,
-    )
 
 
 def main(argv):

@@ -96,9 +96,7 @@ def certified_loss(clean_logits, margin_lower, labels, kappa) -> Losses:
   return Losses(kappa * clean + (1 - kappa) * robust, clean, robust)
 
 
-def fused_robust_cross_entropy(
-  logits_fn: Callable, variables, box: Box, labels, num_classes: int, shift=None
-):
+def fused_robust_cross_entropy(logits_fn: Callable, variables, box: Box, labels, num_classes: int):
   """Per-example upper bounds ``[N]`` of the cross-entropy over ``box``, bounded as one function.
 
   The cross-entropy at ``x`` is ``log(1 + sum_{j != y} exp(z_j - z_y))`` with ``z = logits_fn(x)``;
@@ -108,15 +106,18 @@ def fused_robust_cross_entropy(
   :func:`robust_cross_entropy` of the CROWN-IBP margins.
 
   It is bounded in the form ``s + log(exp(-s) + sum_j exp(z_j - z_y - s))``, the same function for
-  any constant ``s`` per example: ``shift`` ``[N]`` (default: the IBP bound of ``max_j z_j - z_y``,
-  at least 0) keeps ``exp`` from overflowing where the margins' bounds are large. The relaxations
-  commute with the shift (the chord and tangent of ``e^{z - s}`` are ``e^{-s}`` times those of
-  ``e^z``), so it changes the rounding only.
+  any constant ``s`` per example. ``s = max(0, max_j upper(z_j) - lower(z_y))``, from the logits'
+  interval bounds, is the interval upper bound of every ``exp`` input in the graph, so ``exp`` never
+  overflows however large the margins' bounds (an overflow would make the bound ``inf`` and its
+  gradient NaN). The relaxations commute with the shift (the chord and tangent of ``e^{z - s}`` are
+  ``e^{-s}`` times those of ``e^z``), so it changes the rounding only.
   """
   spec = margin_spec(labels, num_classes, box.dtype)
-  if shift is None:
-    shift = -jnp.min(ibp(logits_fn)(variables, box, spec).lower, axis=1)
-  shift = jax.lax.stop_gradient(jnp.maximum(jnp.nan_to_num(shift), 0))[:, None]
+  logits = ibp(logits_fn)(variables, box)
+  true_lower = jnp.take_along_axis(logits.lower, labels[:, None], axis=1)
+  others = jnp.where(jax.nn.one_hot(labels, num_classes, dtype=bool), -jnp.inf, logits.upper)
+  shift = jnp.max(others, axis=1, keepdims=True) - true_lower
+  shift = jax.lax.stop_gradient(jnp.maximum(jnp.nan_to_num(shift), 0))
 
   def cross_entropy(inputs, x):  # spec and shift travel with the weights: constants of the graph
     params, rows, s = inputs
@@ -143,8 +144,7 @@ def fused_certified_loss(
   num_classes = clean_logits.shape[-1]
   spec = margin_spec(labels, num_classes, box.dtype)
   ibp_lower = ibp(logits_fn)(variables, box, spec).lower
-  shift = -jnp.min(ibp_lower, axis=1)
-  fused = fused_robust_cross_entropy(logits_fn, variables, box, labels, num_classes, shift)
+  fused = fused_robust_cross_entropy(logits_fn, variables, box, labels, num_classes)
   robust = beta * fused.mean() + (1 - beta) * robust_cross_entropy(ibp_lower, labels, num_classes)
   clean = clean_cross_entropy(clean_logits, labels)
   from_fused = -jnp.log(jnp.expm1(jax.lax.stop_gradient(fused)))
