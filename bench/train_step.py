@@ -5,7 +5,8 @@ r"""Benchmark: certified training steps against a clean training step.
 For each net: the median wall-clock (over --steps calls after compilation) of a clean step, an IBP
 step, a CROWN-IBP step and one with loss fusion (SGD-style: loss, gradient, Adam update), with uniform boxes and with
 contextual generators (``--generators``), and the ratio of each to the clean step; XLA's planned
-memory per step; and the throughput of full-CROWN certification, with sparse and dense
+memory and floating-point operations per step (a measure of work that does not depend on the
+machine's load); and the throughput of full-CROWN certification, with sparse and dense
 intermediate bounds. mlp and cnn_small are the nets of the auto_LiRPA
 reference numbers in the README (there: torch CPU, batch 128, 2 threads).
 """
@@ -17,7 +18,14 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from bench.common import NETS, compiled_memory_bytes, device_description, device_peak_mib, time_fn
+from bench.common import (
+  NETS,
+  compiled_flops,
+  compiled_memory_bytes,
+  device_description,
+  device_peak_mib,
+  time_fn,
+)
 from cbudget.bounds import Box, crown
 from cbudget.objective import margin_spec
 from cbudget.model import Variables
@@ -56,7 +64,7 @@ def bench_net(name):
   x = jax.random.uniform(jax.random.key(0), (FLAGS.batch,) + shape)
   y = jnp.arange(FLAGS.batch) % 10
   print(f"\n{name} {shape} batch {FLAGS.batch} on {device_description()}  (median ms per step)")
-  clean_ms = None
+  clean_ms = clean_flops = None
   runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
   runs = runs if FLAGS.train_steps else []
   for budget, generator in runs:
@@ -83,13 +91,17 @@ def bench_net(name):
       step = clean_step_fn(setup) if method == "clean" else make_train_step(setup, config)
       seconds, _ = time_fn(lambda s: step(s, x, y), state, repeats=FLAGS.steps)
       mem = compiled_memory_bytes(step, state, x, y)
+      flops = compiled_flops(step, state, x, y)
       ms = 1e3 * seconds
       if method == "clean":
-        clean_ms = ms
+        clean_ms, clean_flops = ms, flops
       label = "clean" if method == "clean" else f"{method}, {budget} {generator}".strip()
       ratio = f"{ms / clean_ms:5.1f}x" if clean_ms else ""
       mem_s = f"   XLA plan {mem / 2**20:7.1f} MiB" if mem else ""
-      print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}", flush=True)
+      flops_s = ""
+      if flops and clean_flops:
+        flops_s = f"   XLA {flops / 1e9:7.2f} GFLOP ({flops / clean_flops:5.1f}x)"
+      print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}{flops_s}", flush=True)
   if FLAGS.full_crown:
     model = make_model()
     xb, yb = x[: FLAGS.crown_batch], y[: FLAGS.crown_batch]
