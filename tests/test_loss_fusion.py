@@ -36,7 +36,7 @@ def _sampled_cross_entropy(f, params, box, labels, count=400):
   return jax.vmap(ce)(points)
 
 
-@pytest.mark.parametrize("kind,activation", [("mlp", "relu"), ("cnn", "relu"), ("mlp", "tanh")])
+@pytest.mark.parametrize("kind,activation", [("cnn", "relu"), ("mlp", "tanh")])
 def test_fused_bound_is_above_the_cross_entropy_at_sampled_points(kind, activation):
   with jax.enable_x64(True):
     f, params, x, labels = _problem(kind, activation)
@@ -59,7 +59,7 @@ def test_fused_bound_has_a_finite_gradient_where_margin_bounds_are_huge():
   loss = lambda p: fused_robust_cross_entropy(f, p, box, labels, 4).mean()
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
   spec = margin_spec(labels, 4)
-  assert -jnp.min(ibp(f)(params, box, spec).lower) > 200  # exp of that overflows in float32
+  assert -jnp.min(jax.jit(ibp(f))(params, box, spec).lower) > 200  # e^200 overflows in float32
   assert np.isfinite(value) and value > 200
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
@@ -69,21 +69,24 @@ def test_fused_objective_mixes_with_ibp_and_its_margins_are_sound():
     f, params, x, labels = _problem("cnn", "relu")
     box = Box.from_budget(x, 0.02)
     clean_logits = f(params, x)
-    ibp_lower = ibp(f)(params, box, margin_spec(labels, 4, jnp.float64)).lower
-    fused = fused_robust_cross_entropy(f, params, box, labels, 4)
-    at_zero, margins = fused_certified_loss(f, params, box, clean_logits, labels, 0.3, beta=0.0)
+    ibp_lower = jax.jit(ibp(f))(params, box, margin_spec(labels, 4, jnp.float64)).lower
+    fused = jax.jit(lambda p: fused_robust_cross_entropy(f, p, box, labels, 4))(params)
+    objective = jax.jit(
+      lambda p, beta: fused_certified_loss(f, p, box, clean_logits, labels, 0.3, beta)
+    )
+    at_zero, margins = objective(params, 0.0)
     reference = certified_loss(clean_logits, ibp_lower, labels, 0.3)
     np.testing.assert_allclose(at_zero, reference, rtol=1e-12)
-    mixed, _ = fused_certified_loss(f, params, box, clean_logits, labels, 0.3, beta=0.25)
+    mixed, _ = objective(params, 0.25)
     np.testing.assert_allclose(
       mixed.robust, 0.25 * fused.mean() + 0.75 * reference.robust, rtol=1e-12
     )
     # The margin bounds reported with fusion hold at sampled points (IBP's, raised by the fused).
     assert np.all(margins >= ibp_lower)
-    t = jax.random.uniform(jax.random.key(3), (300,) + x.shape, jnp.float64)
+    t = jax.random.uniform(jax.random.key(3), (200,) + x.shape, jnp.float64)
     points = box.lower + t * (box.upper - box.lower)
     spec = margin_spec(labels, 4, jnp.float64)
-    true = jax.vmap(lambda z: jnp.einsum("nsk,nk->ns", spec, f(params, z)))(points)
+    true = jax.jit(jax.vmap(lambda z: jnp.einsum("nsk,nk->ns", spec, f(params, z))))(points)
     assert np.all(true >= margins - 1e-10)
 
 
