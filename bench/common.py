@@ -48,6 +48,18 @@ def compiled_memory_bytes(jitted, *args):
   )
 
 
+def compiled_flops(jitted, *args):
+  """XLA's count of floating-point operations for one call (None if unavailable): a measure of
+  work that, unlike wall-clock time, does not depend on what else the machine runs."""
+  try:
+    analysis = jitted.lower(*args).compile().cost_analysis()
+  except Exception:  # not every backend reports it
+    return None
+  if isinstance(analysis, list):
+    analysis = analysis[0] if analysis else None
+  return None if not analysis else analysis.get("flops")
+
+
 def max_rss_mib():
   """Peak resident memory of this process so far (Linux: KiB units)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -3,9 +3,11 @@ r"""Benchmark: certified training steps against a clean training step.
   python -m bench.train_step [--nets mlp,cnn_small,dm_small,cnn7] [--steps 20]
 
 For each net: the median wall-clock (over --steps calls after compilation) of a clean step, an IBP
-step and a CROWN-IBP step (SGD-style: loss, gradient, Adam update), with uniform boxes and with
+step, a CROWN-IBP step and one with loss fusion (SGD-style: loss, gradient, Adam update), with uniform boxes and with
 contextual generators (``--generators``), and the ratio of each to the clean step; XLA's planned
-memory per step; and the throughput of full-CROWN certification. mlp and cnn_small are the nets of the auto_LiRPA
+memory and floating-point operations per step (a measure of work that does not depend on the
+machine's load); and the throughput of full-CROWN certification, with sparse and dense
+intermediate bounds. mlp and cnn_small are the nets of the auto_LiRPA
 reference numbers in the README (there: torch CPU, batch 128, 2 threads).
 """
 
@@ -16,7 +18,14 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from bench.common import NETS, compiled_memory_bytes, device_description, device_peak_mib, time_fn
+from bench.common import (
+  NETS,
+  compiled_flops,
+  compiled_memory_bytes,
+  device_description,
+  device_peak_mib,
+  time_fn,
+)
 from cbudget.bounds import Box, crown
 from cbudget.objective import margin_spec
 from cbudget.model import Variables
@@ -31,6 +40,7 @@ flags.DEFINE_list("generators", ["coarse", "small"], "Generators timed in contex
 flags.DEFINE_bool("train_steps", True, "Time the training steps.")
 flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
 flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
+flags.DEFINE_list("crown_modes", ["sparse", "dense"], "Full-CROWN intermediate bounds timed.")
 
 
 def clean_step_fn(setup):
@@ -54,11 +64,11 @@ def bench_net(name):
   x = jax.random.uniform(jax.random.key(0), (FLAGS.batch,) + shape)
   y = jnp.arange(FLAGS.batch) % 10
   print(f"\n{name} {shape} batch {FLAGS.batch} on {device_description()}  (median ms per step)")
-  clean_ms = None
+  clean_ms = clean_flops = None
   runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
   runs = runs if FLAGS.train_steps else []
   for budget, generator in runs:
-    for method in ("clean", "ibp", "crown-ibp"):
+    for method in ("clean", "ibp", "crown-ibp", "crown-ibp fused"):
       if method == "clean" and (budget, generator) != runs[0]:
         continue
       config = TrainConfig(
@@ -66,7 +76,8 @@ def bench_net(name):
         model="mlp",
         budget=budget,
         generator=generator or "coarse",
-        method="ibp" if method == "clean" else method,
+        method={"clean": "ibp", "crown-ibp fused": "crown-ibp"}.get(method, method),
+        loss_fusion=method == "crown-ibp fused",
         eps=0.1,
         batch_size=FLAGS.batch,
         steps=1000,
@@ -80,33 +91,33 @@ def bench_net(name):
       step = clean_step_fn(setup) if method == "clean" else make_train_step(setup, config)
       seconds, _ = time_fn(lambda s: step(s, x, y), state, repeats=FLAGS.steps)
       mem = compiled_memory_bytes(step, state, x, y)
+      flops = compiled_flops(step, state, x, y)
       ms = 1e3 * seconds
       if method == "clean":
-        clean_ms = ms
+        clean_ms, clean_flops = ms, flops
       label = "clean" if method == "clean" else f"{method}, {budget} {generator}".strip()
       ratio = f"{ms / clean_ms:5.1f}x" if clean_ms else ""
       mem_s = f"   XLA plan {mem / 2**20:7.1f} MiB" if mem else ""
-      print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}", flush=True)
+      flops_s = ""
+      if flops and clean_flops:
+        flops_s = f"   XLA {flops / 1e9:7.2f} GFLOP ({flops / clean_flops:5.1f}x)"
+      print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}{flops_s}", flush=True)
   if FLAGS.full_crown:
     model = make_model()
     xb, yb = x[: FLAGS.crown_batch], y[: FLAGS.crown_batch]
     variables = model.init(jax.random.key(1), xb[:1])
     f = lambda v, z: model.apply(v, z, train=False)
-    certify = jax.jit(
-      lambda v: (
-        crown(f, "crown", chunk_size=4096, need_upper=False)(
-          v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)
-        ).lower
+    for mode in FLAGS.crown_modes:
+      bound = crown(f, "crown", chunk_size=4096, need_upper=False, sparse=mode == "sparse")
+      certify = jax.jit(lambda v: bound(v, Box.from_budget(xb, 0.01), margin_spec(yb, 10)).lower)
+      seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
+      peak = device_peak_mib()
+      peak_s = "" if peak is None else f", device peak so far {peak:.0f} MiB"
+      print(
+        f"  {'full CROWN, ' + mode:28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
+        f"(batch {FLAGS.crown_batch}, chunk_size 4096{peak_s})",
+        flush=True,
       )
-    )
-    seconds, _ = time_fn(certify, variables, repeats=2, warmup=1)
-    peak = device_peak_mib()
-    peak_s = "" if peak is None else f", device peak so far {peak:.0f} MiB"
-    print(
-      f"  {'full CROWN certification':28s} {FLAGS.crown_batch / seconds:9.2f} images/s "
-      f"(batch {FLAGS.crown_batch}, chunk_size 4096{peak_s})",
-      flush=True,
-    )
 
 
 def main(argv):

@@ -46,6 +46,7 @@ class MethodOptions:
   fast_reg: float = 0.0  # weight of Shi et al.'s warm-up regularisers (0: off)
   fast_reg_tau: float = 0.5  # their target ratio τ
   eps_max: float = 1.0  # the ε₀ the ramp ends at (the regularisers fade as ε₀ reaches it)
+  loss_fusion: bool = False  # CROWN-IBP: bound the cross-entropy directly (CertifiedModel)
 
   def __post_init__(self):
     if not 0 < self.sabr_lambda <= 1:
@@ -205,14 +206,15 @@ def _with_fast_reg(out: LossOutput, model, bound_variables, box, eps0, options) 
 def _bound_method(name):
   def loss(model, variables, x, labels, *, eps0, kappa, beta, key, options):
     del key
-    clean_logits, bound_variables, batch_stats = model.training_logits(variables, x)
-    eps = model.budgets(variables.params, x, eps0)
-    box = model.box(x, eps)
-    lower = model.margin_bounds(bound_variables, box, labels, name, beta)
-    out = LossOutput(
-      certified_loss(clean_logits, lower, labels, kappa), clean_logits, lower, eps, batch_stats
+    fused = options.loss_fusion and name == "crown-ibp"
+    out = model.certified_loss(
+      variables, x, labels, eps0=eps0, kappa=kappa, beta=beta, method=name, loss_fusion=fused
     )
-    return _with_fast_reg(out, model, bound_variables, box, eps0, options)
+    if options.fast_reg == 0:
+      return out
+    # The regularisers need the bounds' variables and box again: recomputed only when they are on.
+    _, bound_variables, _ = model.training_logits(variables, x)
+    return _with_fast_reg(out, model, bound_variables, model.box(x, out.eps), eps0, options)
 
   return loss
 

@@ -25,7 +25,13 @@ from cbudget import data
 from cbudget.bounds import Box
 from cbudget.budgets import BudgetConfig, budgets, make_budget_config
 from cbudget.models import classifiers, generators
-from cbudget.objective import Losses, certified_loss, margin_lower_bounds, margin_spec
+from cbudget.objective import (
+  Losses,
+  certified_loss,
+  fused_certified_loss,
+  margin_lower_bounds,
+  margin_spec,
+)
 
 
 class Variables(NamedTuple):
@@ -193,13 +199,27 @@ class CertifiedModel:
     )
 
   def certified_loss(
-    self, variables: Variables, x, labels, *, eps0, kappa, beta=1.0, method="ibp", train=True
+    self,
+    variables: Variables,
+    x,
+    labels,
+    *,
+    eps0,
+    kappa,
+    beta=1.0,
+    method="ibp",
+    train=True,
+    loss_fusion=False,
   ) -> LossOutput:
     """Budgets for ``x``, the box they span, bounds over it, and the loss training minimises.
 
     With ``train=True`` BatchNorm uses the batch's statistics (:meth:`training_logits`); with
-    ``train=False`` the running ones.
+    ``train=False`` the running ones. ``loss_fusion`` (CROWN-IBP only) bounds the cross-entropy
+    directly (:func:`cbudget.objective.fused_certified_loss`); ``margin_lower`` is then the IBP
+    margins, raised where the fused bound certifies.
     """
+    if loss_fusion and method != "crown-ibp":
+      raise ValueError(f"loss fusion applies to CROWN-IBP training, not to method {method!r}")
     if train:
       clean_logits, bound_variables, batch_stats = self.training_logits(variables, x)
     else:
@@ -207,6 +227,17 @@ class CertifiedModel:
       batch_stats = variables.batch_stats
     eps = self.budgets(variables.params, x, eps0)
     box = self.box(x, eps)
+    if loss_fusion:
+      losses, lower = fused_certified_loss(
+        self._apply,
+        self.classifier_variables(bound_variables),
+        box,
+        clean_logits,
+        labels,
+        kappa,
+        beta,
+      )
+      return LossOutput(losses, clean_logits, lower, eps, batch_stats)
     lower = self.margin_bounds(bound_variables, box, labels, method, beta)
     losses = certified_loss(clean_logits, lower, labels, kappa)
     return LossOutput(losses, clean_logits, lower, eps, batch_stats)

@@ -23,6 +23,7 @@ from cbudget import budgets as budgets_lib
 from cbudget import data, methods, schedules, workdir
 from cbudget.model import CertifiedModel, Variables
 from cbudget.models import classifiers
+from cbudget.objective import Losses, clean_cross_entropy
 
 log = logging.getLogger("cbudget.train")
 
@@ -71,6 +72,9 @@ class TrainConfig:
   precise_bn: bool = False  # recompute BatchNorm's statistics on clean data after each epoch
   precise_bn_batches: int = 20
   beta_schedule: str = "linear"  # CROWN-IBP's β: "linear" 1 → 0 over the ramp, or "eps" 1 − ε/ε_max
+  # CROWN-IBP: bound the robust cross-entropy directly, one backward row per example (Xu et al.
+  # 2020) instead of one per margin; see cbudget.objective.fused_robust_cross_entropy.
+  loss_fusion: bool = False
 
   # Fields that must match to resume from a workdir.
   IDENTITY = (
@@ -155,6 +159,7 @@ def method_options(config: TrainConfig) -> methods.MethodOptions:
     attack_steps=config.train_attack_steps,
     fast_reg=config.fast_reg,
     eps_max=config.eps * config.train_eps_factor,
+    loss_fusion=config.loss_fusion,
   )
 
 
@@ -237,31 +242,90 @@ def init_state(setup: Setup, config: TrainConfig, example=None) -> TrainState:
   return TrainState(jnp.asarray(0, jnp.int32), variables, setup.optimizer.init(variables.params))
 
 
-def make_train_step(setup: Setup, config: TrainConfig):
-  """The jit-compiled step: ``(state, image, label) -> (state, metrics)``."""
+# Phases of a run: what a step computes (see :func:`phase_per_step`).
+PHASES = ("clean", "ibp", "full")
+# Methods whose loss is kappa * clean + (1 - kappa) * robust, so that it is the clean loss alone
+# while eps0 = 0 and kappa = 1 (without the warm-up regularisers, which act then); other methods
+# always take the full step.
+_CLEAN_WARMUP_METHODS = ("ibp", "crown-ibp")
+
+
+def phase_per_step(setup: Setup, config: TrainConfig) -> np.ndarray:
+  """The phase of every step ``0 .. total_steps - 1`` (indices into :data:`PHASES`), read off the
+  schedules on the host.
+
+  * ``"clean"``: ε₀ = 0 and κ = 1 (the warm-up), so the objective is the clean cross-entropy alone;
+    no budgets and no bounds are computed.
+  * ``"ibp"``: CROWN-IBP with β = 0: the mix ``β·CROWN-IBP + (1 − β)·IBP`` is IBP alone, so the
+    CROWN-IBP backward pass is skipped.
+  * ``"full"``: the whole objective of ``config.method``.
+
+  The schedules are monotone ramps, so each phase is a contiguous range of steps; the step chosen
+  by the host for step ``s`` computes the same loss as the full step at ``s`` (to rounding).
+  """
+  steps = jnp.arange(setup.total_steps)
+  eps0 = np.asarray(setup.eps0(steps))
+  kappa = np.asarray(setup.kappa(steps))
+  beta = np.asarray(setup.beta(steps))
+  phase = np.full(setup.total_steps, PHASES.index("full"), np.int8)
+  if config.method == "crown-ibp":
+    phase[beta == 0] = PHASES.index("ibp")
+  if config.method in _CLEAN_WARMUP_METHODS and config.fast_reg == 0:
+    phase[(eps0 == 0) & (kappa == 1)] = PHASES.index("clean")
+  return phase
+
+
+def phase_ranges(phases: np.ndarray) -> list[tuple[str, int, int]]:
+  """``(phase, first step, end step)`` of each contiguous run of one phase."""
+  starts = [0] + [i for i in range(1, len(phases)) if phases[i] != phases[i - 1]]
+  ends = starts[1:] + [len(phases)]
+  return [(PHASES[phases[a]], a, b) for a, b in zip(starts, ends)]
+
+
+def make_loss_fn(setup: Setup, config: TrainConfig, phase: str = "full"):
+  """``loss_fn(params, batch_stats, image, label, step) -> (loss, (batch_stats, metrics))``.
+
+  ``phase`` (see :func:`phase_per_step`) must be the phase of ``step``: the clean and IBP phases
+  compute only what the schedules leave of the objective. In the clean phase ``robust_loss`` and
+  ``certified_error`` are NaN (no bound is computed, so nothing is certified), and the budgets are
+  zero (ε₀ = 0 makes them zero), so their statistics are too.
+  """
+  if phase not in PHASES:
+    raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+  method = "ibp" if phase == "ibp" else config.method
   options = method_options(config)
   attack_key = jax.random.key(config.seed + 2)
 
   def loss_fn(params, batch_stats, image, label, step):
     eps0, kappa, beta = setup.eps0(step), setup.kappa(step), setup.beta(step)
-    out = methods.get(config.method)(
-      setup.model,
-      Variables(params, batch_stats),
-      image,
-      label,
-      eps0=eps0,
-      kappa=kappa,
-      beta=beta,
-      key=jax.random.fold_in(attack_key, step),  # a function of the step: resumes exactly
-      options=options,
-    )
-    stats = budgets_lib.budget_stats(out.eps, image)
+    variables = Variables(params, batch_stats)
+    if phase == "clean":
+      clean_logits, _, new_stats = setup.model.training_logits(variables, image)
+      clean = clean_cross_entropy(clean_logits, label)
+      nan = jnp.full((), jnp.nan, clean.dtype)
+      losses = Losses(clean, clean, nan)
+      eps, certified_error = jnp.zeros_like(image), nan
+    else:
+      out = methods.get(method)(
+        setup.model,
+        variables,
+        image,
+        label,
+        eps0=eps0,
+        kappa=kappa,
+        beta=beta,
+        key=jax.random.fold_in(attack_key, step),  # a function of the step: resumes exactly
+        options=options,
+      )
+      losses, clean_logits, new_stats, eps = out.losses, out.clean_logits, out.batch_stats, out.eps
+      certified_error = jnp.mean(jnp.any(out.margin_lower <= 0, axis=1))
+    stats = budgets_lib.budget_stats(eps, image)
     metrics = {
-      "loss": out.losses.loss,
-      "clean_loss": out.losses.clean,
-      "robust_loss": out.losses.robust,
-      "clean_error": jnp.mean(jnp.argmax(out.clean_logits, -1) != label),
-      "certified_error": jnp.mean(jnp.any(out.margin_lower <= 0, axis=1)),
+      "loss": losses.loss,
+      "clean_loss": losses.clean,
+      "robust_loss": losses.robust,
+      "clean_error": jnp.mean(jnp.argmax(clean_logits, -1) != label),
+      "certified_error": certified_error,
       "eps0": eps0,
       "kappa": kappa,
       "beta": beta,
@@ -269,7 +333,18 @@ def make_train_step(setup: Setup, config: TrainConfig):
       "eps_min": stats["min"],
       "eps_max": stats["max"],
     }
-    return out.losses.loss, (out.batch_stats, metrics)
+    return losses.loss, (new_stats, metrics)
+
+  return loss_fn
+
+
+def make_train_step(setup: Setup, config: TrainConfig, phase: str = "full"):
+  """The jit-compiled step of one phase: ``(state, image, label) -> (state, metrics)``.
+
+  The default, ``"full"``, is right at every step; :func:`train` uses the cheaper step of each
+  step's phase (:func:`phase_per_step`), one compilation per phase.
+  """
+  loss_fn = make_loss_fn(setup, config, phase)
 
   @jax.jit
   def step_fn(state: TrainState, image, label):
@@ -390,7 +465,16 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
   metrics_log = workdir.MetricsLog(config.workdir, resume_step=start)
   if restored is not None:
     metrics_log.write({"step": start, "event": "resumed"})
-  step_fn = make_train_step(setup, config)
+  phases = phase_per_step(setup, config)
+  for name, first, stop in phase_ranges(phases):
+    log.info("phase %s: steps [%d, %d)", name, first, stop)
+  step_fns = {}  # phase -> its compiled step, built when first needed
+
+  def step_fn(state, image, label, step):
+    name = PHASES[phases[step]]
+    if name not in step_fns:
+      step_fns[name] = make_train_step(setup, config, name)
+    return step_fns[name](state, image, label)
 
   stop = {"signal": None}
 
@@ -416,7 +500,7 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
         augment=_augment(config),
         start_batch=first,
       ):
-        state, metrics = step_fn(state, put_batch(batch["image"]), put_batch(batch["label"]))
+        state, metrics = step_fn(state, put_batch(batch["image"]), put_batch(batch["label"]), step)
         step += 1
         if not bool(metrics["finite"]):
           msg = (
@@ -433,6 +517,7 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
         if step % config.log_every == 0 or step == setup.total_steps:
           last = {k: float(v) for k, v in metrics.items()}
           last.update(step=step, epoch=epoch, seconds=time.time() - t0)
+          last["phase"] = PHASES[phases[step - 1]]
           metrics_log.write(last)
           log.info(
             "step %d/%d  loss %.4f  clean err %.3f  cert err %.3f  eps0 %.4f  "

@@ -84,6 +84,11 @@ flags.DEFINE_integer("num_train_examples", None, "Use only the first N training 
 flags.DEFINE_integer("log_every", 50, "Log and write metrics every N steps.")
 flags.DEFINE_integer("checkpoint_every", 200, "Checkpoint every N steps.")
 flags.DEFINE_bool("skip_nonfinite", False, "Skip a step with NaN/Inf loss instead of stopping.")
+flags.DEFINE_bool(
+  "loss_fusion",
+  False,
+  "CROWN-IBP: bound the cross-entropy directly (one backward row per example).",
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")

@@ -6,7 +6,7 @@
   centre/radius form: ``op(c, W) +- op(r, |W|)``, the exact range of an affine map over a box.
 * ``max``/``min`` with a constant are one-kink piecewise-linear activations (ReLU is ``max(z, 0)``);
   with two bounded arguments they are monotone, with interval bounds only.
-* ``abs``, ``logistic``, ``tanh`` and the named ``leaky_relu`` and ``hard_tanh`` functions are
+* ``abs``, ``logistic``, ``tanh``, ``exp``, ``log`` and the named ``leaky_relu`` and ``hard_tanh`` functions are
   activations with linear relaxations; max pooling and other max/min reductions are interval-only.
 """
 
@@ -426,5 +426,11 @@ def register_builtins(registry: Registry) -> Registry:
       lambda l, u, op: relaxations.tanh_relaxation(l, u),
       alpha=_s_shaped_alpha(lambda l, u, op, a: relaxations.tanh_relaxation_with(l, u, a)),
     ),
+  )
+  registry.register(
+    P.exp_p, _activation(_monotone_ibp, lambda l, u, op: relaxations.exp_relaxation(l, u))
+  )
+  registry.register(
+    P.log_p, _activation(_monotone_ibp, lambda l, u, op: relaxations.log_relaxation(l, u))
   )
   return registry

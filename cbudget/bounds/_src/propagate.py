@@ -40,6 +40,29 @@ def _contract(lam, value, axis: int = 0):
   return jnp.einsum("rnk,nk->rn", lam.reshape(r, n, -1), value.reshape(n, -1).astype(lam.dtype))
 
 
+def _contract_offset(lam, offset, axis: int, sign: int):
+  """:func:`_contract` of a relaxation's offset with coefficients ``lam`` of one sign (``sign``).
+
+  Where a coefficient is 0 that side of the relaxation is unused, so an infinite offset there takes
+  nothing (``0 * inf`` would make the bound NaN, e.g. ``log`` over ``[0, u]``, whose lower line is
+  ``-inf``, under the upper bound's coefficients); where a non-zero coefficient meets an infinite
+  offset the sum is that infinity (NaN if both signs meet). One pass: the finite offsets and the
+  two masks of infinite ones are contracted together.
+  """
+  offset = jnp.broadcast_to(offset, lam.shape[1:]).astype(lam.dtype)
+  plus, minus = offset == jnp.inf, offset == -jnp.inf
+  values = jnp.stack([jnp.where(plus | minus, 0, offset), plus, minus], -1).astype(lam.dtype)
+  if axis:
+    lam, values = jnp.moveaxis(lam, axis + 1, 1), jnp.moveaxis(values, axis, 0)
+  r, n = lam.shape[:2]
+  total, to_plus, to_minus = jnp.moveaxis(
+    jnp.einsum("rnk,nkc->rnc", lam.reshape(r, n, -1), values.reshape(n, -1, 3)), -1, 0
+  )
+  up, down = sign * to_plus > 0, sign * to_minus > 0  # a non-zero coefficient reached them
+  total = jnp.where(up, sign * jnp.inf, jnp.where(down, -sign * jnp.inf, total))
+  return jnp.where(up & down, jnp.nan, total)
+
+
 def _ibp_node(node: Node, args) -> list:
   try:
     outs = node.rule.ibp(args, node.params, node.evaluate)
@@ -214,7 +237,8 @@ class Propagator:
         pos, neg = jnp.maximum(lo, 0), jnp.minimum(lo, 0)
         b = lin.bounds
         z = axis[node.inputs[lin.index]]
-        bias += _contract(pos, b.lower_offset, z) + _contract(neg, b.upper_offset, z)
+        bias += _contract_offset(pos, b.lower_offset, z, 1)
+        bias += _contract_offset(neg, b.upper_offset, z, -1)
         self._accumulate(lams, node.inputs[lin.index], pos * b.lower_slope + neg * b.upper_slope)
       else:
         bounded, offsets, pullback = lin

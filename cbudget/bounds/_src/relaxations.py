@@ -321,3 +321,105 @@ def with_kink_support(
   upper_slope = jnp.where(inside & ~convex, slope, bounds.upper_slope)
   upper_offset = jnp.where(inside & ~convex, offset, bounds.upper_offset)
   return LinearBounds(lower_slope, lower_offset, upper_slope, upper_offset)
+
+
+def _log_max(dtype):
+  return float(np.log(np.finfo(dtype).max))
+
+
+def exp_relaxation(l, u) -> LinearBounds:
+  """Linear bounds of ``exp`` on ``[l, u]`` (convex): the chord above, a tangent below.
+
+  * Upper: the chord through ``(l, e^l)`` and ``(u, e^u)``; a convex function lies below its chord.
+    Its slope is ``e^l expm1(w)/w`` with ``w = u - l`` when ``w <= 1`` (no cancellation as the box
+    narrows; at ``w = 0`` the tangent ``e^l``), else ``(e^u/2 - e^l/2)/(u/2 - l/2)`` (halves: no
+    overflow). The offset is the larger of the two through either end, so the rounded slope still
+    passes above both. ``l = -inf`` gives the limit line, the constant ``e^u``; an ``e^u`` that
+    overflows or nearly does (``u > log(max) - 2``, or ``u = inf``) gives the interval bound
+    ``+inf`` with slope 0.
+  * Lower: the tangent ``e^d (1 + z - d)`` at the midpoint ``d`` of the box: any tangent of a convex
+    function lies below it everywhere. ``d`` is capped at ``log(max) - 8`` so that slope and offset
+    stay finite (a tangent at any point is sound); an infinite end moves ``d`` to the finite end (0
+    if both are infinite).
+
+  A NaN end gives NaN bounds.
+  """
+  dtype = jnp.result_type(l)
+  # Ends near overflow are treated as overflowing (a looser, sound bound); the clamped ends keep
+  # every intermediate finite, so no inf or NaN reaches the gradient of an unused branch.
+  near_overflow = _log_max(dtype) - 2
+  lf = jnp.where(jnp.isfinite(l), l, jnp.where(jnp.isfinite(u), u, 0))
+  uf = jnp.where(jnp.isfinite(u), u, lf)
+  uf = jnp.minimum(uf, near_overflow)
+  lf = jnp.minimum(lf, uf)
+  el, eu = jnp.exp(lf), jnp.exp(uf)
+  half_width = uf / 2 - lf / 2
+  narrow = half_width <= 0.5
+  w = 2 * jnp.where(narrow, half_width, 0)
+  narrow_slope = el * jnp.where(w > 0, jnp.expm1(w) / jnp.where(w > 0, w, 1), 1)
+  wide_slope = _safe_div(eu / 2 - el / 2, half_width, ~narrow)
+  chord = jnp.where(narrow, narrow_slope, wide_slope)
+  chord_offset = jnp.maximum(el - chord * lf, eu - chord * uf)
+  # The chord's limit as l -> -inf: the constant e^u (0 when u = -inf too).
+  limit = jnp.isneginf(l) & ~jnp.isposinf(u)
+  chord = jnp.where(limit, 0, chord)
+  chord_offset = jnp.where(limit, jnp.exp(jnp.where(jnp.isnan(u), 0, u)), chord_offset)
+  overflow = ~(u <= near_overflow) | ~jnp.isfinite(chord) | ~jnp.isfinite(chord_offset)
+  up_slope = jnp.where(overflow, 0, chord)
+  up_offset = jnp.where(overflow, jnp.inf, chord_offset)
+  d = jnp.where(jnp.isfinite(l) & jnp.isfinite(u), lf / 2 + uf / 2, lf)
+  d = jnp.minimum(d, _log_max(dtype) - 8)
+  lo_slope = jnp.exp(d)
+  lo_offset = lo_slope * (1 - d)
+  bounds = LinearBounds(lo_slope, lo_offset, up_slope, up_offset)
+  return _unknown_where_nan(LinearBounds(*(b.astype(dtype) for b in bounds)), l, u)
+
+
+def log_relaxation(l, u) -> LinearBounds:
+  """Linear bounds of ``log`` on ``[l, u]`` (concave on ``z > 0``): a tangent above, the chord below.
+
+  * Upper: the tangent ``log d + (z - d)/d`` at the midpoint ``d`` of the box (``2l``, or 1, when
+    ``u = inf``); any tangent of a concave function lies above it everywhere. Where ``1/d``
+    or its derivative would overflow (``d < sqrt(tiny)``, ``tiny`` the smallest normal number; this
+    includes ``u = 0`` and subnormal boxes, which XLA may flush to 0), the constant
+    ``log(max(u, tiny))``, slope 0, without gradient.
+  * Lower: the chord through ``(l, log l)`` and ``(u, log u)``, below a concave function on
+    ``[l, u]``. Slope ``log1p(w/l)/w`` with ``w = u - l`` when ``w <= l`` (no cancellation; at
+    ``w = 0`` the tangent ``1/l``), else ``(log u - log l)/2 / (u/2 - l/2)``; the offset is the
+    smaller of the two through either end. ``l < sqrt(tiny)`` gives the constant ``log l`` (``-inf``
+    at 0) without gradient; ``u = inf`` the limit line, the constant ``log l``.
+
+  ``log`` of a negative number is NaN, so ``l < 0`` (a reachable NaN) gives NaN bounds, as does a NaN
+  end: nothing is certified from them.
+  """
+  dtype = jnp.result_type(l)
+  # Below `small`, 1/z (the slopes) or its derivative 1/z^2 would overflow: such ends get constant
+  # bounds without gradient (sound; the gradient only steers training).
+  tiny = np.finfo(dtype).tiny
+  small = float(np.sqrt(tiny))
+  positive = l > 0
+  chord_ok = (l >= small) & jnp.isfinite(l)
+  lf = jnp.where(chord_ok, l, 1)
+  uf = jnp.where(jnp.isfinite(u) & chord_ok, u, jnp.maximum(lf, 1))
+  # Upper: a tangent.
+  d = jnp.where(jnp.isfinite(u), jnp.maximum(l, 0) / 2 + u / 2, jnp.where(chord_ok, 2 * lf, 1))
+  tangent_ok = (d >= small) & ~jnp.isnan(d)
+  d_safe = jnp.where(tangent_ok, d, 1)
+  up_slope = jnp.where(tangent_ok, 1 / d_safe, 0)
+  constant_up = lax.stop_gradient(jnp.log(jnp.maximum(u, tiny)))
+  up_offset = jnp.where(tangent_ok, jnp.log(d_safe) - 1, constant_up)
+  # Lower: the chord.
+  half_width = uf / 2 - lf / 2
+  narrow = 2 * half_width <= lf
+  w = 2 * jnp.where(narrow, half_width, 0)
+  narrow_slope = jnp.where(w > 0, jnp.log1p(w / lf) / jnp.where(w > 0, w, 1), 1 / lf)
+  wide_slope = _safe_div(jnp.log(uf) / 2 - jnp.log(lf) / 2, half_width, ~narrow)
+  chord = jnp.where(narrow, narrow_slope, wide_slope)
+  chord_offset = jnp.minimum(jnp.log(lf) - chord * lf, jnp.log(uf) - chord * uf)
+  upper_infinite = jnp.isinf(u)
+  lo_slope = jnp.where(chord_ok & ~upper_infinite, chord, 0)
+  constant_lo = lax.stop_gradient(jnp.log(jnp.where(positive, l, 0)))  # log l, -inf at l = 0
+  lo_offset = jnp.where(chord_ok, jnp.where(upper_infinite, jnp.log(lf), chord_offset), constant_lo)
+  bounds = LinearBounds(lo_slope, lo_offset, up_slope, up_offset)
+  bounds = LinearBounds(*(jnp.where(l < 0, jnp.nan, b).astype(dtype) for b in bounds))
+  return _unknown_where_nan(bounds, l, u)
