@@ -49,6 +49,9 @@ def _contract_offset(lam, offset, axis: int, sign: int):
   offset the sum is that infinity (NaN if both signs meet). One pass: the finite offsets and the
   two masks of infinite ones are contracted together.
   """
+  if jnp.ndim(offset) == lam.ndim:  # one offset per row (an optimised relaxation, alpha_crown.py)
+    prod = jnp.moveaxis(jnp.where(lam == 0, 0, lam * offset), axis + 1, 1)
+    return jnp.sum(prod.reshape(prod.shape[0], prod.shape[1], -1), axis=-1)
   offset = jnp.broadcast_to(offset, lam.shape[1:]).astype(lam.dtype)
   plus, minus = offset == jnp.inf, offset == -jnp.inf
   values = jnp.stack([jnp.where(plus | minus, 0, offset), plus, minus], -1).astype(lam.dtype)
