@@ -39,12 +39,12 @@ from cbudget.bounds._src.api import (
   _nan_where_invalid,
   _output_box,
   _spec_rows,
+  check_crown_options,
 )
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.graph import build_graph
 from cbudget.bounds._src.propagate import Propagator, _ibp_node, _intersect
 from cbudget.bounds._src.registry import Registry
-from cbudget.bounds._src.relaxations import SLOPE_CHOICES
 
 
 def _crown_forward(prop: Propagator, chunk, sparse, alphas=None, floor=None, needed=None) -> dict:
@@ -141,12 +141,7 @@ def alpha_crown(
   """
   if iterations < 0:
     raise ValueError(f"iterations must be >= 0, got {iterations}")
-  if relu_lower_slope not in SLOPE_CHOICES:
-    raise ValueError(f"relu_lower_slope must be one of {SLOPE_CHOICES}, got {relu_lower_slope!r}")
-  if chunk_size is not None and chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-  if memory_limit is not None and chunk_size is not None:
-    raise ValueError("give chunk_size or memory_limit, not both")
+  check_crown_options(relu_lower_slope, chunk_size, memory_limit)
   if optimizer is None:
     if not lr > 0:
       raise ValueError(f"lr must be positive, got {lr}")

@@ -24,6 +24,16 @@ DEFAULT_REGISTRY = builtin_rules.register_builtins(Registry())
 INTERMEDIATE_METHODS = ("ibp", "crown")
 
 
+def check_crown_options(relu_lower_slope, chunk_size=None, memory_limit=None):
+  """Clear errors for the options every CROWN-style entry point takes."""
+  if relu_lower_slope not in SLOPE_CHOICES:
+    raise ValueError(f"relu_lower_slope must be one of {SLOPE_CHOICES}, got {relu_lower_slope!r}")
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+  if memory_limit is not None and chunk_size is not None:
+    raise ValueError("give chunk_size or memory_limit, not both")
+
+
 def _is_concrete(*arrays) -> bool:
   return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
@@ -185,12 +195,7 @@ def crown(
   """
   if intermediate not in INTERMEDIATE_METHODS:
     raise ValueError(f"intermediate must be one of {INTERMEDIATE_METHODS}, got {intermediate!r}")
-  if relu_lower_slope not in SLOPE_CHOICES:
-    raise ValueError(f"relu_lower_slope must be one of {SLOPE_CHOICES}, got {relu_lower_slope!r}")
-  if chunk_size is not None and chunk_size < 1:
-    raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-  if memory_limit is not None and chunk_size is not None:
-    raise ValueError("give chunk_size or memory_limit, not both")
+  check_crown_options(relu_lower_slope, chunk_size, memory_limit)
   registry = DEFAULT_REGISTRY if registry is None else registry
   options = {"relu_lower_slope": relu_lower_slope}
 
@@ -242,8 +247,7 @@ def crown_ibp(
   forward pass, which CROWN-IBP needs for its intermediate bounds anyway, is run once. This is what
   CROWN-IBP training mixes (``beta * crown + (1 - beta) * ibp``).
   """
-  if relu_lower_slope not in SLOPE_CHOICES:
-    raise ValueError(f"relu_lower_slope must be one of {SLOPE_CHOICES}, got {relu_lower_slope!r}")
+  check_crown_options(relu_lower_slope)
   registry = DEFAULT_REGISTRY if registry is None else registry
   options = {"relu_lower_slope": relu_lower_slope}
 
