@@ -43,42 +43,8 @@ from cbudget.bounds._src.api import (
 )
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.graph import build_graph
-from cbudget.bounds._src.propagate import Propagator, _ibp_node, _intersect
+from cbudget.bounds._src.propagate import Propagator
 from cbudget.bounds._src.registry import Registry
-
-
-def _crown_forward(prop: Propagator, chunk, sparse, alphas=None, floor=None, needed=None) -> dict:
-  """The forward pass of full CROWN (``Propagator.forward``), with parameters: every bounded input
-  of a non-affine node (but x) gets CROWN bounds, intersected with its IBP bounds (and with
-  ``floor[i]`` when given), before the node.
-
-  ``alphas[i]`` are the parameters for value ``i``'s rows; with a ``floor``, values without
-  parameters keep their floor (recomputing them would give the same bounds). ``needed[i]`` fixes
-  the elements bounded (the sparse rows), so that row ``p`` means the same element in every pass;
-  without it they are the inexact ones, as in full CROWN. Returns ``{i: (Box, needed_i)}``.
-  """
-  graph = prop.graph
-  refined = {}
-  for node in graph.nodes:
-    if node.bounded and getattr(node.rule, "kind", "") != "affine":
-      for i in node.inputs:
-        if i in graph.bounded and i != prop.input_id and i not in refined:
-          if needed is not None:
-            need = needed[i]
-          else:
-            need = prop._inexact_elements(i) if sparse else None
-          bounds = prop.env[i]
-          if floor is None or (alphas is not None and i in alphas):
-            rows_alphas = None if alphas is None else alphas.get(i)
-            bounds = _intersect(bounds, prop.crown_bounds_of(i, chunk, need, rows_alphas))
-          if floor is not None:
-            bounds = _intersect(bounds, floor[i])
-          prop.env[i] = bounds
-          refined[i] = (bounds, need)
-    args = [prop.env[i] for i in node.inputs]
-    outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
-    prop.env.update(zip(node.outputs, outs))
-  return refined
 
 
 def _initial_alphas(prop: Propagator) -> dict:
@@ -163,7 +129,7 @@ def alpha_crown(
     # Pass 0: full CROWN, which also fixes the starting parameters.
     prop0 = Propagator(graph, leaves, box, options)
     chunk = chunk_of(prop0)
-    first = _crown_forward(prop0, chunk, sparse)
+    first = prop0.forward(chunk, sparse)
     out = _output_box(prop0, out_id)
     if spec is None:
       rows = _identity_rows(out.shape, out.dtype)
@@ -215,7 +181,7 @@ def _optimise(setup, alphas, best, optimizer, iterations):
     interm_alphas, out_alphas = tree
     prop = Propagator(graph, leaves, box, options)
     if interm_alphas:
-      refined = _crown_forward(prop, chunk, False, interm_alphas, floor, needed)
+      refined = prop.forward(chunk, False, interm_alphas, floor, needed)
       floor = {i: b for i, (b, _) in refined.items()}
     else:  # the intermediate bounds are pass 0's: reuse its values and linearisations
       prop.env = dict(prop0.env)

@@ -105,7 +105,14 @@ class Propagator:
 
   # -- forward ---------------------------------------------------------------------------------
 
-  def forward(self, crown_chunk_size: int | None | bool = False, sparse: bool = True):
+  def forward(
+    self,
+    crown_chunk_size: int | None | bool = False,
+    sparse: bool = True,
+    alphas=None,
+    floor=None,
+    needed=None,
+  ) -> dict:
     """Bounds for every value in topological order.
 
     With ``crown_chunk_size`` other than ``False`` (full CROWN), the bounded inputs of every node
@@ -114,8 +121,14 @@ class Propagator:
     With ``sparse``, only the elements whose relaxation the current bounds leave inexact (unstable
     ReLUs) get backward passes; the relaxation of the others is exact already and stays so on any
     sub-interval, so tighter bounds would not change it.
+
+    α-CROWN's passes (alpha_crown.py) add: ``alphas[i]``, the relaxation parameters of value ``i``'s
+    rows; ``floor[i]``, bounds to intersect with too (values without parameters then keep their
+    floor: recomputing them would give the same bounds); ``needed[i]``, the elements to bound, fixed
+    so that row ``p`` means the same element in every pass. Returns ``{i: (Box, needed_i)}`` for the
+    refined values.
     """
-    refined = set()
+    refined = {}
     for node in self.graph.nodes:
       if (
         node.bounded
@@ -124,13 +137,23 @@ class Propagator:
       ):
         for i in node.inputs:
           if i in self.graph.bounded and i != self.input_id and i not in refined:
-            refined.add(i)
-            needed = self._inexact_elements(i) if sparse else None
-            tight = self.crown_bounds_of(i, crown_chunk_size, needed)
-            self.env[i] = _intersect(self.env[i], tight)
+            if needed is not None:
+              need = needed[i]
+            else:
+              need = self._inexact_elements(i) if sparse else None
+            bounds = self.env[i]
+            if floor is None or (alphas is not None and i in alphas):
+              rows_alphas = None if alphas is None else alphas.get(i)
+              tight = self.crown_bounds_of(i, crown_chunk_size, need, rows_alphas)
+              bounds = _intersect(bounds, tight)
+            if floor is not None:
+              bounds = _intersect(bounds, floor[i])
+            self.env[i] = bounds
+            refined[i] = (bounds, need)
       args = [self.env[i] for i in node.inputs]
       outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
       self.env.update(zip(node.outputs, outs))
+    return refined
 
   def _inexact_elements(self, value: int):
     """Elements of ``value`` whose bounds matter to some non-affine node that reads it: those the
