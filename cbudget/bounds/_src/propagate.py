@@ -46,22 +46,26 @@ def _contract_offset(lam, offset, axis: int, sign: int):
   Where a coefficient is 0 that side of the relaxation is unused, so an infinite offset there takes
   nothing (``0 * inf`` would make the bound NaN, e.g. ``log`` over ``[0, u]``, whose lower line is
   ``-inf``, under the upper bound's coefficients); where a non-zero coefficient meets an infinite
-  offset the sum is that infinity (NaN if both signs meet). One pass: the finite offsets and the
-  two masks of infinite ones are contracted together.
+  offset the sum is that infinity (NaN if both signs meet). The finite offsets are contracted as
+  usual; which rows reach an infinite one is a second contraction of the masks with the
+  coefficients' values only (``stop_gradient``: its result is only compared), so the gradient costs
+  what the plain contraction's does.
   """
   if jnp.ndim(offset) == lam.ndim:  # one offset per row (an optimised relaxation, alpha_crown.py)
     prod = jnp.moveaxis(jnp.where(lam == 0, 0, lam * offset), axis + 1, 1)
     return jnp.sum(prod.reshape(prod.shape[0], prod.shape[1], -1), axis=-1)
   offset = jnp.broadcast_to(offset, lam.shape[1:]).astype(lam.dtype)
   plus, minus = offset == jnp.inf, offset == -jnp.inf
-  values = jnp.stack([jnp.where(plus | minus, 0, offset), plus, minus], -1).astype(lam.dtype)
+  total = _contract(lam, jnp.where(plus | minus, 0, offset), axis)
+  masks = jnp.stack([plus, minus], -1).astype(lam.dtype)
+  reach = lax.stop_gradient(sign * lam)  # >= 0
   if axis:
-    lam, values = jnp.moveaxis(lam, axis + 1, 1), jnp.moveaxis(values, axis, 0)
-  r, n = lam.shape[:2]
-  total, to_plus, to_minus = jnp.moveaxis(
-    jnp.einsum("rnk,nkc->rnc", lam.reshape(r, n, -1), values.reshape(n, -1, 3)), -1, 0
+    reach, masks = jnp.moveaxis(reach, axis + 1, 1), jnp.moveaxis(masks, axis, 0)
+  r, n = reach.shape[:2]
+  to_plus, to_minus = jnp.moveaxis(
+    jnp.einsum("rnk,nkc->rnc", reach.reshape(r, n, -1), masks.reshape(n, -1, 2)), -1, 0
   )
-  up, down = sign * to_plus > 0, sign * to_minus > 0  # a non-zero coefficient reached them
+  up, down = to_plus > 0, to_minus > 0  # a non-zero coefficient reached them
   total = jnp.where(up, sign * jnp.inf, jnp.where(down, -sign * jnp.inf, total))
   return jnp.where(up & down, jnp.nan, total)
 
