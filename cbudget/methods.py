@@ -190,6 +190,29 @@ def fast_init(params, key):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def torch_init(params, key):
+  """PyTorch's default initialisation of ``nn.Linear`` and ``nn.Conv2d`` on a Flax parameter tree:
+  every ``kernel`` and the ``bias`` beside it drawn from ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` (n_in:
+  the kernel's fan-in; ``kaiming_uniform(a=sqrt(5))`` reduces to this bound). Its variance,
+  ``1 / (3 n_in)``, is a third of Flax's LeCun normal default; auto_LiRPA's and CROWN-IBP's
+  reference runs start from it, so ``--init torch`` lets a run match them."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  fan_in = {  # the parent path of each kernel -> its fan-in, for the bias beside it
+    path[:-1]: math.prod(leaf.shape[:-1])
+    for path, leaf in leaves
+    if getattr(path[-1], "key", None) == "kernel"
+  }
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, leaf), k in zip(leaves, keys):
+    name = getattr(path[-1], "key", None)
+    if name in ("kernel", "bias") and path[:-1] in fan_in:
+      bound = 1 / math.sqrt(fan_in[path[:-1]])
+      leaf = jax.random.uniform(k, leaf.shape, leaf.dtype, -bound, bound)
+    out.append(leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods
 

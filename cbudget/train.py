@@ -63,7 +63,7 @@ class TrainConfig:
   sabr_lambda: float = 0.4
   mtl_alpha: float = 0.5
   train_attack_steps: int = 8
-  init: str = "default"  # "fast": Shi et al.'s IBP initialisation of the classifier
+  init: str = "default"  # "fast": Shi et al.'s IBP initialisation; "torch": PyTorch's default
   fast_reg: float = 0.0  # weight of Shi et al.'s warm-up regularisers
   # Schedule details.
   lr_decay: str = "0.75,0.9"  # fractions of training where the LR drops, "" or "none": none
@@ -133,7 +133,7 @@ def validate(config: TrainConfig):
   )
 
 
-INITS = ("default", "fast")
+INITS = ("default", "fast", "torch")
 BETA_SCHEDULES = ("linear", "eps")
 
 
@@ -236,9 +236,10 @@ def init_state(setup: Setup, config: TrainConfig, example=None) -> TrainState:
   if example is None:
     example = jnp.zeros((1,) + data.info(config.dataset).shape, jnp.float32)
   variables = setup.model.init(jax.random.key(config.seed), example)
-  if config.init == "fast":
-    fast = methods.fast_init(variables.params["classifier"], jax.random.key(config.seed + 1))
-    variables = variables._replace(params={**variables.params, "classifier": fast})
+  if config.init != "default":
+    init = {"fast": methods.fast_init, "torch": methods.torch_init}[config.init]
+    classifier = init(variables.params["classifier"], jax.random.key(config.seed + 1))
+    variables = variables._replace(params={**variables.params, "classifier": classifier})
   return TrainState(jnp.asarray(0, jnp.int32), variables, setup.optimizer.init(variables.params))
 
 

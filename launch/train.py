@@ -55,7 +55,11 @@ flags.DEFINE_float("sabr_lambda", 0.4, "SABR: the small box's radius is λ·ε(x
 flags.DEFINE_float("mtl_alpha", 0.5, "MTL-IBP: α·IBP loss + (1 − α)·adversarial loss.")
 flags.DEFINE_integer("train_attack_steps", 8, "PGD steps of SABR's and MTL-IBP's training attack.")
 flags.DEFINE_enum(
-  "init", "default", ["default", "fast"], "Classifier init (fast: Shi et al. 2021)."
+  "init",
+  "default",
+  ["default", "fast", "torch"],
+  "Classifier init: Flax's default, fast (Shi et al. 2021) or torch (PyTorch's default, as in "
+  "auto_LiRPA's runs).",
 )
 flags.DEFINE_float("fast_reg", 0.0, "Weight of Shi et al.'s warm-up regularisers (0: off).")
 flags.DEFINE_string(

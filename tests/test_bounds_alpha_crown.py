@@ -63,7 +63,8 @@ def test_sound_and_never_looser_than_crown(seed, act):
     x = jax.random.uniform(jax.random.fold_in(key, 1), (3, 3), jnp.float64)
     box = Box.from_budget(x, 0.3, None)
     ref = crown(net, "crown")(params, box)
-    out = alpha_crown(net, iterations=6, lr=0.2)(params, box)
+    # Under jit: one compilation instead of every iteration's operations dispatched one by one.
+    out = jax.jit(alpha_crown(net, iterations=6, lr=0.2))(params, box)
     assert jnp.all(out.lower >= ref.lower - 1e-12), (out.lower - ref.lower).min()
     assert jnp.all(out.upper <= ref.upper + 1e-12), (ref.upper - out.upper).min()
     ys = jax.vmap(lambda z: net(params, z))(_samples(jax.random.fold_in(key, 2), box))
@@ -85,7 +86,8 @@ def test_tighter_than_crown_on_a_loose_net_with_spec():
       _samples(jax.random.fold_in(key, 2), box)
     )
     for joint in (True, False):
-      out = alpha_crown(net, iterations=10, lr=0.2, optimize_intermediate=joint)(params, box, spec)
+      bound = alpha_crown(net, iterations=10, lr=0.2, optimize_intermediate=joint)
+      out = jax.jit(bound)(params, box, spec)
       assert out.lower.shape == (4, 2)
       assert jnp.all(out.lower >= ref.lower - 1e-12) and jnp.all(out.upper <= ref.upper + 1e-12)
       assert jnp.all(ys >= out.lower - 1e-9) and jnp.all(ys <= out.upper + 1e-9)

@@ -172,6 +172,27 @@ def test_fast_init_keeps_ibp_widths_bounded_with_depth_on_cnn7():
   assert np.prod(default) > 1e4 * np.prod(fast)
 
 
+def test_torch_init_draws_every_layer_from_pytorchs_uniform_bound():
+  """PyTorch's default: kernels and their biases uniform in +-1/sqrt(fan-in); the rest untouched."""
+  net = classifiers.get_classifier("cnn7", 10)
+  params = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+  out = methods.torch_init(params, jax.random.key(1))
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  checked = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+    name = path[-1].key
+    kernel = flat.get(path[:-1] + (jax.tree_util.DictKey("kernel"),))
+    if name in ("kernel", "bias") and kernel is not None:
+      bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+      assert np.all(np.abs(leaf) <= bound) and np.max(np.abs(leaf)) > 0.5 * bound, path
+      if name == "kernel" and leaf.size > 1000:  # variance 1/(3 fan-in): a third of LeCun's
+        np.testing.assert_allclose(np.var(leaf), bound**2 / 3, rtol=0.1)
+      checked += 1
+    else:  # BatchNorm scales and offsets keep their values
+      np.testing.assert_array_equal(leaf, flat[path])
+  assert checked == 2 * 7  # CNN-7: five convolutions and two dense layers, each a kernel and a bias
+
+
 def test_fast_regularizer_penalises_blow_up_and_vanishes_when_satisfied():
   inp = Box(-jnp.ones((2, 4)), jnp.ones((2, 4)))
   # Radius 1 (= the input's), one active and one inactive neuron of equal centre and spread.
