@@ -16,7 +16,9 @@ import pytest
 
 # pytest-xdist's workers (the README's command runs two) inherit the controller's environment, so
 # they share its cache: what one worker compiled, the other loads. The controller creates and
-# removes it. A size limit turns on JAX's file lock, which makes the shared cache safe to write.
+# removes it. No size limit: a limit turns on JAX's eviction, which scans the whole folder on every
+# write (quadratic over a test session). An entry read while the other worker writes it fails to
+# decompress, and JAX then compiles instead (a warning, never a wrong executable).
 _CACHE = os.environ.get("CBUDGET_TEST_JAX_CACHE")
 if _CACHE is None:
   _CACHE = tempfile.mkdtemp(prefix="cbudget-test-jax-cache-")
@@ -25,9 +27,7 @@ if _CACHE is None:
 # The launchers run as subprocesses inherit these; this process sets them directly.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
 jax.config.update("jax_compilation_cache_dir", _CACHE)
-jax.config.update("jax_compilation_cache_max_size", 4 << 30)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 TINY = dict(
