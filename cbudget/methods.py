@@ -174,28 +174,10 @@ def fast_regularizer(layers: list[Box], input_box: Box, tau: float = 0.5):
   return total / len(layers)
 
 
-def fast_init(params, key):
-  """Shi et al.'s (2021) IBP initialisation of a Flax parameter tree: every ``kernel`` drawn from
-  ``N(0, 2π / n_in²)`` (``n_in``: its fan-in), so that the expected IBP width is kept from one layer
-  to the next instead of growing like ``√n_in``; biases and other parameters are kept."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for (path, leaf), k in zip(leaves, keys):
-    name = getattr(path[-1], "key", None)
-    if name == "kernel":
-      fan_in = math.prod(leaf.shape[:-1])
-      leaf = jax.random.normal(k, leaf.shape, leaf.dtype) * math.sqrt(2 * math.pi) / fan_in
-    out.append(leaf)
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def torch_init(params, key):
-  """PyTorch's default initialisation of ``nn.Linear`` and ``nn.Conv2d`` on a Flax parameter tree:
-  every ``kernel`` and the ``bias`` beside it drawn from ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` (n_in:
-  the kernel's fan-in; ``kaiming_uniform(a=sqrt(5))`` reduces to this bound). Its variance,
-  ``1 / (3 n_in)``, is a third of Flax's LeCun normal default; auto_LiRPA's and CROWN-IBP's
-  reference runs start from it, so ``--init torch`` lets a run match them."""
+def _redraw_layers(params, key, draw):
+  """``params`` with the kernels of its Dense and Conv layers, and the biases beside them, redrawn:
+  ``draw(name, leaf, fan_in, key)`` (name ``"kernel"`` or ``"bias"``; fan_in: the layer kernel's)
+  gives the new leaf, or ``None`` to keep it. Every other parameter is kept."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   fan_in = {  # the parent path of each kernel -> its fan-in, for the bias beside it
     path[:-1]: math.prod(leaf.shape[:-1])
@@ -206,11 +188,38 @@ def torch_init(params, key):
   out = []
   for (path, leaf), k in zip(leaves, keys):
     name = getattr(path[-1], "key", None)
+    new = None
     if name in ("kernel", "bias") and path[:-1] in fan_in:
-      bound = 1 / math.sqrt(fan_in[path[:-1]])
-      leaf = jax.random.uniform(k, leaf.shape, leaf.dtype, -bound, bound)
-    out.append(leaf)
+      new = draw(name, leaf, fan_in[path[:-1]], k)
+    out.append(leaf if new is None else new)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def fast_init(params, key):
+  """Shi et al.'s (2021) IBP initialisation of a Flax parameter tree: every ``kernel`` drawn from
+  ``N(0, 2π / n_in²)`` (``n_in``: its fan-in), so that the expected IBP width is kept from one layer
+  to the next instead of growing like ``√n_in``; biases and other parameters are kept."""
+
+  def draw(name, leaf, fan_in, k):
+    if name != "kernel":
+      return None
+    return jax.random.normal(k, leaf.shape, leaf.dtype) * math.sqrt(2 * math.pi) / fan_in
+
+  return _redraw_layers(params, key, draw)
+
+
+def torch_init(params, key):
+  """PyTorch's default initialisation of ``nn.Linear`` and ``nn.Conv2d`` on a Flax parameter tree:
+  every ``kernel`` and the ``bias`` beside it drawn from ``U(-1/sqrt(n_in), 1/sqrt(n_in))`` (n_in:
+  the kernel's fan-in; ``kaiming_uniform(a=sqrt(5))`` reduces to this bound). Its variance,
+  ``1 / (3 n_in)``, is a third of Flax's LeCun normal default; auto_LiRPA's and CROWN-IBP's
+  reference runs start from it, so ``--init torch`` lets a run match them."""
+
+  def draw(name, leaf, fan_in, k):
+    bound = 1 / math.sqrt(fan_in)
+    return jax.random.uniform(k, leaf.shape, leaf.dtype, -bound, bound)
+
+  return _redraw_layers(params, key, draw)
 
 
 # ---------------------------------------------------------------------------------------------
