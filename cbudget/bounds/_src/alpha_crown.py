@@ -118,7 +118,7 @@ def alpha_crown(
   def chunk_of(prop):  # as full CROWN: fixed before the forward pass
     if memory_limit is None:
       return chunk_size
-    return max(1, memory_limit // (8 * prop.largest_value_bytes()))
+    return prop.chunk_for_memory(memory_limit)
 
   @functools.wraps(fn)
   def bound(params, box, spec=None) -> Box:

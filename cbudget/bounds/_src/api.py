@@ -177,8 +177,9 @@ def crown(
     ``chunk_size`` caps the (neuron row, example) pairs one backward pass carries: memory is about
     ``chunk_size`` times the largest layer of one example, times a small factor (XLA's plan for
     CNN-7 is in ``bench/README.md``); ``None`` runs all rows of a layer at once. ``memory_limit``
-    (bytes) picks ``chunk_size`` instead, as ``memory_limit / (8 x largest per-example value)``; the
-    factor 8 covers the values a pass keeps alive (XLA planned 4.6 for CNN-7).
+    (bytes) picks ``chunk_size`` instead, as ``memory_limit / (32 x largest per-example value)``;
+    the factor covers the values a pass keeps alive and convolution workspaces (measured:
+    ``Propagator.MEMORY_UNITS_PER_ROW``).
   * ``sparse`` (full CROWN): intermediate backward passes only for the elements whose relaxation
     the cheaper bounds leave inexact (unstable ReLUs); stable ones keep their bounds, which is
     exact for them. The chunks (see ``chunk_size``) past the needed rows are skipped, so the cost
@@ -203,7 +204,7 @@ def crown(
     if intermediate == "crown":
       chunk = chunk_size
       if memory_limit is not None:
-        chunk = max(1, memory_limit // (8 * prop.largest_value_bytes()))
+        chunk = prop.chunk_for_memory(memory_limit)
       prop.forward(crown_chunk_size=chunk, sparse=sparse)
     else:
       prop.forward()

@@ -63,6 +63,10 @@ class SignedRule:
   def kind(self):
     return "affine" if self.affine else "interval"
 
+  @property
+  def exact_on_boxes(self):  # the ends of a box map to the ends of the exact range
+    return self.affine
+
   def ibp(self, args, params, evaluate):
     _require_concrete(args, [i for i in range(len(args)) if self.allowed(i)], self.name)
     pick = lambda end: [
@@ -123,6 +127,7 @@ class BilinearRule:
   bounded_ok: tuple[int, ...] = (0, 1)
   both_ok: bool = True
   kind: str = "affine"
+  exact_on_boxes = True  # with one bounded argument (only then does the engine ask)
 
   def ibp(self, args, params, evaluate):
     bounded = bounded_positions(args)
@@ -173,6 +178,7 @@ class ConvertRule:
   interval bounds are used (sound; a model that casts its input loses some tightness)."""
 
   kind: str = "affine"
+  exact_on_boxes = True  # where the dtype is kept (only then does the engine ask)
 
   def ibp(self, args, params, evaluate):
     if not jnp.issubdtype(params["new_dtype"], jnp.floating):

@@ -70,6 +70,46 @@ def _contract_offset(lam, offset, axis: int, sign: int):
   return jnp.where(up & down, jnp.nan, total)
 
 
+# Affine primitives that keep a box a box: they move, select or pad coordinates of their one bounded
+# argument (output coordinate k is x_p(k) with p one-to-one, or a constant) ...
+_REARRANGING = frozenset(
+  {"reshape", "transpose", "squeeze", "slice", "rev", "copy", "copy_p", "pad", "concatenate"}
+  | {"sharding_constraint"}
+)
+# ... or scale and shift each coordinate (a_k x_k + c_k), where the bounded argument has the
+# output's shape (not broadcast).
+_ELEMENTWISE = frozenset({"convert_element_type", "add", "sub", "neg", "mul", "div"})
+
+
+def _track_exact(node: Node, env: dict, bounded: set, box_values: set, exact: set):
+  """Update ``exact``, the values whose interval bounds are their exact range over the box (so CROWN
+  cannot tighten them), with ``node``'s outputs (already in ``env``).
+
+  The input is a box. A built-in affine map of one bounded argument that is a box gives each output
+  coordinate its exact range (``c +- |W| r``); a coordinate-wise one (:data:`_REARRANGING`,
+  :data:`_ELEMENTWISE`) keeps a box a box (``box_values``) and an exact range exact. A value reached through two mixing maps
+  (two layers) is not exact: its coordinates' ranges over the correlated first-layer outputs are
+  smaller than the interval product suggests. Rules say their IBP is exact on boxes with
+  ``exact_on_boxes``.
+  """
+  args = [i for i in node.inputs if i in bounded]
+  if len(args) != 1 or args[0] not in exact:
+    return
+  if not getattr(node.rule, "exact_on_boxes", False) or node.rule.kind != "affine":
+    return
+  (arg,) = args
+  name = getattr(node.key, "name", None)
+  if name == "convert_element_type" and node.params["new_dtype"] != env[arg].dtype:
+    return  # rounding to another precision
+  same_shape = all(env[o].shape == env[arg].shape for o in node.outputs)
+  if name in _REARRANGING or (name in _ELEMENTWISE and same_shape):
+    exact.update(node.outputs)
+    if arg in box_values:
+      box_values.update(node.outputs)
+  elif arg in box_values:
+    exact.update(node.outputs)
+
+
 def _ibp_node(node: Node, args) -> list:
   try:
     outs = node.rule.ibp(args, node.params, node.evaluate)
@@ -120,7 +160,8 @@ class Propagator:
     """Bounds for every value in topological order.
 
     With ``crown_chunk_size`` other than ``False`` (full CROWN), the bounded inputs of every node
-    that is not affine are first tightened by CROWN backward passes (at most ``crown_chunk_size``
+    that is not affine, unless IBP gives their exact range already (:func:`_track_exact`,
+    e.g. the first layer's pre-activations), are first tightened by CROWN backward passes (at most ``crown_chunk_size``
     (row, example) pairs each, ``None`` for all rows at once), intersected with their IBP bounds.
     With ``sparse``, only the elements whose relaxation the current bounds leave inexact (unstable
     ReLUs) get backward passes; the relaxation of the others is exact already and stays so on any
@@ -133,6 +174,7 @@ class Propagator:
     refined values.
     """
     refined = {}
+    box_values, exact = {self.input_id}, {self.input_id}
     for node in self.graph.nodes:
       if (
         node.bounded
@@ -140,7 +182,7 @@ class Propagator:
         and getattr(node.rule, "kind", "") != "affine"
       ):
         for i in node.inputs:
-          if i in self.graph.bounded and i != self.input_id and i not in refined:
+          if i in self.graph.bounded and i not in exact and i not in refined:
             if needed is not None:
               need = needed[i]
             else:
@@ -157,6 +199,8 @@ class Propagator:
       args = [self.env[i] for i in node.inputs]
       outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
       self.env.update(zip(node.outputs, outs))
+      if node.bounded:
+        _track_exact(node, self.env, self.graph.bounded, box_values, exact)
     return refined
 
   def _inexact_elements(self, value: int):
@@ -302,6 +346,16 @@ class Propagator:
 
   # -- full CROWN intermediate bounds -------------------------------------------------------------
 
+  # Memory of one backward pass per (row, example) pair, in units of the largest per-example value.
+  # XLA:CPU's plan for DM-small's full CROWN is 21-30 units (CNN-7's: 4.6), and a convolution
+  # transposed into few channels (the first layer's, back to the image) takes an im2col workspace
+  # outside the plan: at 8 units, a 2 GiB limit became a >20 GB allocation there (std::bad_alloc).
+  MEMORY_UNITS_PER_ROW = 32
+
+  def chunk_for_memory(self, memory_limit: int) -> int:
+    """The ``chunk_size`` (row, example pairs per backward pass) that fits ``memory_limit`` bytes."""
+    return max(1, memory_limit // (self.MEMORY_UNITS_PER_ROW * self.largest_value_bytes()))
+
   def largest_value_bytes(self) -> int:
     """Bytes of the largest value that depends on x, for one example."""
     sizes = [
@@ -324,13 +378,15 @@ class Propagator:
     examples at once). One backward pass carries at most ``chunk_size`` (row, example) pairs, so
     memory is about ``chunk_size`` times the largest per-example value, whatever the batch.
 
-    ``needed`` (booleans of the target's shape): only elements needed in some example are bounded,
-    the others get ``[-inf, inf]`` (no information). Their rows are ordered first and the chunks
-    past them are skipped at run time (``lax.cond``), so the cost follows the number of needed
-    elements while every shape stays static (jit).
+    ``needed`` (booleans of the target's shape): each example bounds only its own needed elements,
+    the others get ``[-inf, inf]`` (no information). Row ``p`` of example ``n`` bounds the
+    ``p // 2``-th needed element of example ``n``, so the rows an example needs come first, and the
+    chunks past the example with the most needed elements are skipped at run time (``lax.cond``):
+    the cost follows the largest per-example count of needed elements (unstable neurons), not their
+    union over the batch, while every shape stays static (jit).
 
     ``alphas`` (α-CROWN): node index -> ``[P, chunk x num_chunks, ...]`` (see :meth:`row_chunks`),
-    row ``p`` being the one described below; each chunk's slice goes to its backward pass.
+    row ``p`` being the one described above; each chunk's slice goes to its backward pass.
     """
     shape = self.env[target].shape
     axis = self.graph.batch_axis.get(target, 0)
@@ -339,20 +395,24 @@ class Propagator:
     size = math.prod(per_example)
     dtype = self.env[target].dtype
     chunk, num_chunks = self.row_chunks(target, chunk_size)
+    rows = num_chunks * chunk
     if needed is None:
-      order, count = jnp.arange(size), size
+      wanted = jnp.ones((n, size), bool)
     else:
-      wanted = jnp.any(jnp.moveaxis(needed, axis, 0).reshape(n, size), axis=0)
-      order = jnp.argsort(~wanted, stable=True)  # the needed elements first
-      count = jnp.sum(wanted)
-    # Row p bounds element order[p // 2]: from below for even p, from above for odd p.
-    element = order[jnp.minimum(jnp.arange(num_chunks * chunk) // 2, size - 1)]
+      wanted = jnp.moveaxis(needed, axis, 0).reshape(n, size)
+    order = jnp.argsort(~wanted, axis=1, stable=True)  # per example, its needed elements first
+    count = jnp.sum(wanted, axis=1)  # [N]
+    # Row p bounds element[p, n] of example n: from below for even p, from above for odd p.
+    element = jnp.take(order, jnp.minimum(jnp.arange(rows) // 2, size - 1), axis=1).T  # [rows, N]
+    valid = jnp.arange(rows)[:, None] < 2 * count[None, :]  # [rows, N]
+    sign = jnp.where(jnp.arange(rows) % 2 == 0, 1, -1)[:, None] * valid
 
     def run(start):
-      p = start + jnp.arange(chunk)
-      sign = jnp.where(p % 2 == 0, 1, -1) * (p < 2 * count)
-      lam = jax.nn.one_hot(element[p], size, dtype=dtype) * sign.astype(dtype)[:, None]
-      lam = jnp.broadcast_to(lam.reshape((chunk, 1) + per_example), (chunk, n) + per_example)
+      rows_of = lambda a: lax.dynamic_slice_in_dim(a, start, chunk)  # [chunk, N]
+      lam = (
+        jax.nn.one_hot(rows_of(element), size, dtype=dtype) * rows_of(sign).astype(dtype)[..., None]
+      )
+      lam = lam.reshape((chunk, n) + per_example)
       sliced = None
       if alphas is not None:
         sliced = {k: lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for k, a in alphas.items()}
@@ -364,10 +424,13 @@ class Propagator:
       self.prepare(target)
       skip = lambda start: jnp.zeros((chunk, n), dtype)
       starts = jnp.arange(num_chunks) * chunk
-      out = lax.map(lambda s: lax.cond(s < 2 * count, run, skip, s), starts).reshape(-1, n)
-    p = jnp.arange(num_chunks * chunk)
-    unused = jnp.where(p < 2 * count, element, size)  # index `size` is dropped by the scatter
-    lower = jnp.full((size, n), -jnp.inf, dtype).at[unused[0::2]].set(out[0::2], mode="drop")
-    upper = jnp.full((size, n), jnp.inf, dtype).at[unused[1::2]].set(-out[1::2], mode="drop")
-    per_row = lambda o: jnp.moveaxis(o.T.reshape((n,) + per_example), 0, axis)
+      most = 2 * jnp.max(count)
+      out = lax.map(lambda s: lax.cond(s < most, run, skip, s), starts).reshape(-1, n)
+    column = jnp.where(valid, element, size)  # index `size` is dropped by the scatter
+    example = jnp.broadcast_to(jnp.arange(n), (rows, n))
+    lower = jnp.full((n, size), -jnp.inf, dtype)
+    lower = lower.at[example[0::2], column[0::2]].set(out[0::2], mode="drop")
+    upper = jnp.full((n, size), jnp.inf, dtype)
+    upper = upper.at[example[1::2], column[1::2]].set(-out[1::2], mode="drop")
+    per_row = lambda o: jnp.moveaxis(o.reshape((n,) + per_example), 0, axis)
     return Box(per_row(lower), per_row(upper))

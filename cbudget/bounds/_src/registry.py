@@ -59,7 +59,9 @@ class BoundRule(Protocol):
   ``batch_rule(in_axes, in_shapes, params) -> out_axes`` says where a *primitive's* outputs hold the
   examples (see ``cbudget.bounds.elementwise_batch_rule``; built-in primitives and named functions
   need none); ``accepts(eqn, bounded_positions) -> bool`` lets a rule for a named function decline
-  a call (it is then traced through).
+  a call (it is then traced through); ``exact_on_boxes`` (default False) says that, with one
+  bounded argument ranging over a box, ``ibp`` returns each output's exact range, so full CROWN
+  need not tighten what such a map makes of the input (a first layer's pre-activations).
   """
 
   def ibp(self, args: list, params: dict, evaluate: Callable) -> Any: ...
