@@ -8,6 +8,9 @@ Entry points, each ``method(fn) -> bound(params, box, ...)``, jit/grad/vmap comp
 * :func:`crown_ibp` — IBP and CROWN-IBP bounds from one shared forward pass (CROWN-IBP training).
 * :func:`alpha_crown` — full CROWN with relaxations optimised per bound (α-CROWN).
 
+:func:`reference_bounds` marks an intermediate value with interval bounds the caller already knows
+(e.g. from a tighter method); every method intersects with them.
+
 Extend the rules at run time with :func:`register_affine`, :func:`register_activation` and
 :func:`register_interval` (or on a private :class:`Registry`).
 """
@@ -15,6 +18,7 @@ Extend the rules at run time with :func:`register_affine`, :func:`register_activ
 from cbudget.bounds._src.alpha_crown import alpha_crown
 from cbudget.bounds._src.api import DEFAULT_REGISTRY, CrownIbpBounds, crown, crown_ibp, ibp
 from cbudget.bounds._src.box import Box
+from cbudget.bounds._src.reference import reference_bounds
 from cbudget.bounds._src.batching import BatchMixingError
 from cbudget.bounds._src.batching import elementwise as elementwise_batch_rule
 from cbudget.bounds._src.registry import (
@@ -106,5 +110,6 @@ __all__ = [
   "is_box",
   "register_activation",
   "register_affine",
+  "reference_bounds",
   "register_interval",
 ]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import primitives as P
 
-from cbudget.bounds._src import conv_transpose, relaxations
+from cbudget.bounds._src import conv_transpose, reference, relaxations
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.registry import (
   ActivationRule,
@@ -439,4 +439,5 @@ def register_builtins(registry: Registry) -> Registry:
   registry.register(
     P.log_p, _activation(_monotone_ibp, lambda l, u, op: relaxations.log_relaxation(l, u))
   )
+  registry.register(reference.REFERENCE_BOUNDS_NAME, reference.ReferenceBoundsRule())
   return registry
