@@ -17,6 +17,7 @@ from cbudget.budgets import VOLUMES as BUDGET_VOLUMES
 from cbudget.models.classifiers import CLASSIFIERS
 from cbudget.models.generators import GENERATORS
 from cbudget.methods import TRAIN_METHODS
+from cbudget.train import BETA_SCHEDULES, INITS
 from launch import presets
 from launch.common import parse_range, run_main, setup_devices
 
@@ -57,7 +58,7 @@ flags.DEFINE_integer("train_attack_steps", 8, "PGD steps of SABR's and MTL-IBP's
 flags.DEFINE_enum(
   "init",
   "default",
-  ["default", "fast", "torch"],
+  list(INITS),
   "Classifier init: Flax's default, fast (Shi et al. 2021) or torch (PyTorch's default, as in "
   "auto_LiRPA's runs).",
 )
@@ -70,7 +71,7 @@ flags.DEFINE_float("train_eps_factor", 1.0, "Train at ε₀·factor (CROWN-IBP: 
 flags.DEFINE_bool("precise_bn", False, "Recompute BatchNorm statistics on clean data each epoch.")
 flags.DEFINE_integer("precise_bn_batches", 20, "Batches that --precise_bn pools statistics over.")
 flags.DEFINE_enum(
-  "beta_schedule", "linear", ["linear", "eps"], "CROWN-IBP β: linear 1→0, or eps: 1 − ε/ε_max."
+  "beta_schedule", "linear", list(BETA_SCHEDULES), "CROWN-IBP β: linear 1→0, or eps: 1 − ε/ε_max."
 )
 flags.DEFINE_integer("epochs", 20, "Training epochs.")
 flags.DEFINE_integer("steps", None, "Training steps (overrides --epochs).")

@@ -122,7 +122,7 @@ def test_jit_and_gradients():
     np.testing.assert_allclose(jitted.lower, eager.lower, rtol=1e-9, atol=1e-9)
 
     loss = lambda p, lo, hi: jnp.sum(bound(p, Box(lo, hi)).lower)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(params, box.lower, box.upper)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, box.lower, box.upper)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads[0]))
 
