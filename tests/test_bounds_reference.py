@@ -35,7 +35,7 @@ METHODS = {
   "ibp": lambda f: cb.ibp(f),
   "crown-ibp": lambda f: cb.crown(f, "ibp"),
   "crown": lambda f: cb.crown(f, "crown"),
-  "alpha-crown": lambda f: cb.alpha_crown(f, iterations=5),
+  "alpha-crown": lambda f: cb.alpha_crown(f, iterations=2),
 }
 
 

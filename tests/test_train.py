@@ -19,16 +19,17 @@ def tiny(tmp_path, name="run", **kw):
 
 
 @pytest.mark.parametrize(
-  "budget,method,eval_methods",
+  "budget,method,eval_methods,attack",
   [
-    ("uniform", "ibp", ("ibp", "crown-ibp")),
-    ("global", "crown-ibp", ("ibp", "crown-ibp")),
+    ("uniform", "ibp", ("ibp", "crown-ibp"), "pgd"),
+    ("global", "crown-ibp", ("ibp", "crown-ibp"), "pgd"),
     # Contextual IBP training is what trained_run (evaluated below) and the resume test run; full
-    # CROWN runs once here (every budget mode gives it the same kind of box) and on trained_run.
-    ("contextual", "crown-ibp", ("ibp", "crown-ibp", "crown")),
+    # CROWN and the default (strong) attack run once here (every budget mode gives them the same
+    # kind of box; test_attacks_strong.py tests the attack itself) and on trained_run.
+    ("contextual", "crown-ibp", ("ibp", "crown-ibp", "crown"), "strong"),
   ],
 )
-def test_smoke_train_then_evaluate(tmp_path, budget, method, eval_methods):
+def test_smoke_train_then_evaluate(tmp_path, budget, method, eval_methods, attack):
   config = tiny(tmp_path, budget=budget, method=method, steps=4)
   result = train(config)
   assert result["step"] == 4 and not result["interrupted"]
@@ -39,7 +40,12 @@ def test_smoke_train_then_evaluate(tmp_path, budget, method, eval_methods):
   for r in records:
     assert r["equivalent_eps"] == pytest.approx(r["eps0"], rel=1e-4, abs=1e-7)
   results = evaluate(
-    config.workdir, num_examples=20, batch_size=20, pgd_steps=3, methods=eval_methods
+    config.workdir,
+    num_examples=20,
+    batch_size=20,
+    pgd_steps=3,
+    methods=eval_methods,
+    attack=attack,
   )
   assert set(results["certified_error"]) == set(eval_methods)
   assert 0 <= results["clean_error"] <= results["pgd_error"]
