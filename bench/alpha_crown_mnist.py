@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cbudget.bounds import Box, alpha_crown, crown
-from cbudget.evaluate import load_run, load_test_set
+from bench.common import trained_run_and_test_images
 from cbudget.objective import margin_spec
 
 MEM = 2 * 2**30  # bytes for one full-CROWN backward pass, as launch.evaluate
@@ -29,9 +29,9 @@ def main():
   parser.add_argument("--lr", type=float, default=0.1)
   parser.add_argument("--optimize_intermediate", type=int, default=1)
   args = parser.parse_args()
-  config, setup, state = load_run(args.workdir)
-  test = load_test_set(config, args.num_examples)
-  model, variables = setup.model, state.variables
+  config, model, variables, images, labels = trained_run_and_test_images(
+    args.workdir, args.num_examples
+  )
   logits_fn = model.logits
   budgets_of = jax.jit(lambda x: model.budgets(variables.params, x, config.eps))
 
@@ -57,10 +57,10 @@ def main():
   margins = {m: [] for m in methods}
   clean = []
   for start in range(0, args.num_examples, args.batch):
-    x = jnp.asarray(test.images[start : start + args.batch])
-    y = jnp.asarray(test.labels[start : start + args.batch])
+    x = images[start : start + args.batch]
+    y = labels[start : start + args.batch]
     box = Box.from_budget(x, budgets_of(x))
-    spec = margin_spec(y, test.num_classes, x.dtype)
+    spec = margin_spec(y, model.num_classes, x.dtype)
     clean.append(np.asarray(jnp.argmax(logits_fn(variables, x), -1) == y))
     for m, f in methods.items():
       t = time.time()

@@ -76,3 +76,14 @@ def device_peak_mib():
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   return None if peak is None else peak / 2**20
+
+
+def trained_run_and_test_images(workdir: str, num_examples: int):
+  """``(config, model, variables, images, labels)``: a trained run (``cbudget.evaluate.load_run``)
+  and its first ``num_examples`` test images and labels, as arrays."""
+  from cbudget.evaluate import load_run, load_test_set
+
+  config, setup, state = load_run(workdir)
+  test = load_test_set(config, num_examples)
+  images, labels = jax.numpy.asarray(test.images), jax.numpy.asarray(test.labels)
+  return config, setup.model, state.variables, images, labels

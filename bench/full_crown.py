@@ -14,9 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from bench.common import device_description
+from bench.common import device_description, trained_run_and_test_images
 from cbudget.bounds import crown
-from cbudget.evaluate import load_run, load_test_set
 from cbudget.objective import margin_spec
 
 
@@ -27,12 +26,11 @@ def main():
   parser.add_argument("--memory_gib", type=float, default=2.0)
   parser.add_argument("--repeats", type=int, default=2)
   args = parser.parse_args()
-  config, setup, state = load_run(args.workdir)
-  test = load_test_set(config, args.num_examples)
-  x, labels = jnp.asarray(test.images), jnp.asarray(test.labels)
-  model = setup.model
-  variables = model.classifier_variables(state.variables)
-  box = model.box(x, model.budgets(state.variables.params, x, config.eps))
+  config, model, run_variables, x, labels = trained_run_and_test_images(
+    args.workdir, args.num_examples
+  )
+  variables = model.classifier_variables(run_variables)
+  box = model.box(x, model.budgets(run_variables.params, x, config.eps))
   spec = margin_spec(labels, model.num_classes)
   memory = int(args.memory_gib * 2**30)
   bound = crown(model._apply, "crown", need_upper=False, memory_limit=memory)

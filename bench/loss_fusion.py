@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cbudget.bounds import Box, ibp
-from cbudget.evaluate import load_run, load_test_set
+from bench.common import trained_run_and_test_images
 from cbudget.objective import (
   fused_robust_cross_entropy,
   margin_lower_bounds,
@@ -31,11 +31,10 @@ def main():
   parser.add_argument("--num_examples", type=int, default=256)
   parser.add_argument("--eps", default="0.05,0.1,0.2,0.3")
   args = parser.parse_args()
-  config, setup, state = load_run(args.workdir)
-  test = load_test_set(config, args.num_examples)
-  x, labels = jnp.asarray(test.images), jnp.asarray(test.labels)
-  model = setup.model
-  variables = model.classifier_variables(state.variables)
+  config, model, run_variables, x, labels = trained_run_and_test_images(
+    args.workdir, args.num_examples
+  )
+  variables = model.classifier_variables(run_variables)
   f, k = model._apply, model.num_classes
   spec = margin_spec(labels, k)
 
