@@ -181,9 +181,11 @@ def crown(
     the factor covers the values a pass keeps alive and convolution workspaces (measured:
     ``Propagator.MEMORY_UNITS_PER_ROW``).
   * ``sparse`` (full CROWN): intermediate backward passes only for the elements whose relaxation
-    the cheaper bounds leave inexact (unstable ReLUs); stable ones keep their bounds, which is
-    exact for them. The chunks (see ``chunk_size``) past the needed rows are skipped, so the cost
-    follows the number of unstable neurons. ``False`` bounds every element (dense).
+    the cheaper bounds leave inexact (unstable ReLUs), chosen per example; stable ones keep their
+    bounds, which is exact for them. The chunks (see ``chunk_size``) past the rows of the example
+    with the most unstable neurons are skipped, so the cost follows that count, not the batch's
+    union. ``False`` bounds every element (dense). Either way, values whose IBP bounds are exact
+    (an affine map of the input box: the first layer) get no backward pass.
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.

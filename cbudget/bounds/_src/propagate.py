@@ -87,10 +87,10 @@ def _track_exact(node: Node, env: dict, bounded: set, box_values: set, exact: se
 
   The input is a box. A built-in affine map of one bounded argument that is a box gives each output
   coordinate its exact range (``c +- |W| r``); a coordinate-wise one (:data:`_REARRANGING`,
-  :data:`_ELEMENTWISE`) keeps a box a box (``box_values``) and an exact range exact. A value reached through two mixing maps
-  (two layers) is not exact: its coordinates' ranges over the correlated first-layer outputs are
-  smaller than the interval product suggests. Rules say their IBP is exact on boxes with
-  ``exact_on_boxes``.
+  :data:`_ELEMENTWISE`) keeps a box a box (``box_values``) and an exact range exact. A value
+  reached through two mixing maps (two layers) is not exact: its coordinates' ranges over the
+  correlated first-layer outputs are smaller than the interval product suggests. Rules say their
+  IBP is exact on boxes with ``exact_on_boxes``.
   """
   args = [i for i in node.inputs if i in bounded]
   if len(args) != 1 or args[0] not in exact:
@@ -160,9 +160,10 @@ class Propagator:
     """Bounds for every value in topological order.
 
     With ``crown_chunk_size`` other than ``False`` (full CROWN), the bounded inputs of every node
-    that is not affine, unless IBP gives their exact range already (:func:`_track_exact`,
-    e.g. the first layer's pre-activations), are first tightened by CROWN backward passes (at most ``crown_chunk_size``
-    (row, example) pairs each, ``None`` for all rows at once), intersected with their IBP bounds.
+    that is not affine, unless IBP gives their exact range already (:func:`_track_exact`, e.g. the
+    first layer's pre-activations), are first tightened by CROWN backward passes (at most
+    ``crown_chunk_size`` (row, example) pairs each, ``None`` for all rows at once), intersected with
+    their IBP bounds.
     With ``sparse``, only the elements whose relaxation the current bounds leave inexact (unstable
     ReLUs) get backward passes; the relaxation of the others is exact already and stays so on any
     sub-interval, so tighter bounds would not change it.
