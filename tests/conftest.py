@@ -14,10 +14,10 @@ import tempfile
 import jax
 import pytest
 
-# pytest-xdist's workers (the README's command runs two) inherit the controller's environment, so
-# they share its cache: what one worker compiled, the other loads. The controller creates and
+# pytest-xdist's workers (the README's command runs three) inherit the controller's environment, so
+# they share its cache: what one worker compiled, the others load. The controller creates and
 # removes it. No size limit: a limit turns on JAX's eviction, which scans the whole folder on every
-# write (quadratic over a test session). An entry read while the other worker writes it fails to
+# write (quadratic over a test session). An entry read while another worker writes it fails to
 # decompress, and JAX then compiles instead (a warning, never a wrong executable).
 _CACHE = os.environ.get("CBUDGET_TEST_JAX_CACHE")
 if _CACHE is None:

@@ -30,6 +30,7 @@ from cbudget.bounds._src.registry import (
   Relaxation,
   UnsupportedPrimitiveError,
   bounded_positions,
+  defined_in,
   is_box,
 )
 
@@ -336,10 +337,7 @@ class JaxNNRule(ActivationRule):
   through instead (its semantics may differ)."""
 
   def accepts(self, eqn, bounded):
-    body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    debug = getattr(getattr(body, "jaxpr", body), "debug_info", None)
-    source = getattr(debug, "func_src_info", "") or ""
-    return "jax/_src/nn/" in source.replace("\\", "/") and tuple(bounded) == (0,)
+    return defined_in(eqn, "jax/_src/nn/") and tuple(bounded) == (0,)
 
 
 def _hard_tanh_ibp(l, u, op):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from cbudget.bounds._src.box import Box
-from cbudget.bounds._src.registry import Affine
+from cbudget.bounds._src.registry import Affine, defined_in
 
 
 @jax.jit
@@ -44,10 +44,7 @@ class ReferenceBoundsRule:
   def accepts(self, eqn, bounded):
     # Only cbudget's own function (a user's function of the same name is traced through), and only
     # with the reference bounds concrete.
-    body = eqn.params.get("jaxpr")
-    debug = getattr(getattr(body, "jaxpr", body), "debug_info", None)
-    source = (getattr(debug, "func_src_info", "") or "").replace("\\", "/")
-    return "cbudget/bounds/_src/reference.py" in source and tuple(bounded) == (0,)
+    return defined_in(eqn, "cbudget/bounds/_src/reference.py") and tuple(bounded) == (0,)
 
   def ibp(self, args, params, evaluate):
     box, lower, upper = args

@@ -89,6 +89,15 @@ class Relaxation(NamedTuple):
   bounds: LinearBounds
 
 
+def defined_in(eqn, path_fragment: str) -> bool:
+  """Whether the named call ``eqn`` (jit, custom_jvp, ...) is of a function whose source file path
+  contains ``path_fragment``: lets a rule for a name decline a user's function of the same name."""
+  body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  debug = getattr(getattr(body, "jaxpr", body), "debug_info", None)
+  source = getattr(debug, "func_src_info", "") or ""
+  return path_fragment in source.replace("\\", "/")
+
+
 def is_box(value) -> bool:
   return isinstance(value, Box)
 
