@@ -200,7 +200,7 @@ class Propagator:
       args = [self.env[i] for i in node.inputs]
       outs = _ibp_node(node, args) if node.bounded else node.evaluate(*args)
       self.env.update(zip(node.outputs, outs))
-      if node.bounded:
+      if node.bounded and crown_chunk_size is not False:  # only full CROWN asks
         _track_exact(node, self.env, self.graph.bounded, box_values, exact)
     return refined
 
@@ -397,12 +397,13 @@ class Propagator:
     dtype = self.env[target].dtype
     chunk, num_chunks = self.row_chunks(target, chunk_size)
     rows = num_chunks * chunk
-    if needed is None:
-      wanted = jnp.ones((n, size), bool)
+    if needed is None:  # every element, in order
+      order = jnp.broadcast_to(jnp.arange(size), (n, size))
+      count = jnp.full((n,), size)
     else:
       wanted = jnp.moveaxis(needed, axis, 0).reshape(n, size)
-    order = jnp.argsort(~wanted, axis=1, stable=True)  # per example, its needed elements first
-    count = jnp.sum(wanted, axis=1)  # [N]
+      order = jnp.argsort(~wanted, axis=1, stable=True)  # per example, its needed elements first
+      count = jnp.sum(wanted, axis=1)  # [N]
     # Row p bounds element[p, n] of example n: from below for even p, from above for odd p.
     element = jnp.take(order, jnp.minimum(jnp.arange(rows) // 2, size - 1), axis=1).T  # [rows, N]
     valid = jnp.arange(rows)[:, None] < 2 * count[None, :]  # [rows, N]
