@@ -3,10 +3,12 @@
 The end-to-end tests train and evaluate the same small models many times, in this process and in
 launcher subprocesses; a persistent compilation cache in a fresh temporary folder (removed at the
 end) lets every repeat of a compilation be a cache hit. Tests that only read a finished run share
-:func:`trained_run`, trained once per session.
+:func:`trained_run`, trained once per test run: by the first pytest-xdist worker that asks, into
+a folder every worker shares, while the others wait on a file lock.
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -24,6 +26,12 @@ if _CACHE is None:
   _CACHE = tempfile.mkdtemp(prefix="cbudget-test-jax-cache-")
   os.environ["CBUDGET_TEST_JAX_CACHE"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Runs shared by the workers (the same life as the cache).
+_SHARED = os.environ.get("CBUDGET_TEST_SHARED")
+if _SHARED is None:
+  _SHARED = tempfile.mkdtemp(prefix="cbudget-test-shared-")
+  os.environ["CBUDGET_TEST_SHARED"] = _SHARED
+  atexit.register(shutil.rmtree, _SHARED, ignore_errors=True)
 # The launchers run as subprocesses inherit these; this process sets them directly.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -51,12 +59,15 @@ def tiny_config(path, **overrides):
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory):
-  """A contextual run trained long enough to certify some examples (tests only read it)."""
+def trained_run():
+  """A contextual run trained long enough to certify some examples (tests only read it; a test
+  that writes into a run copies it first)."""
   from cbudget.train import train
 
+  folder = os.path.join(_SHARED, "trained")
+  os.makedirs(folder, exist_ok=True)
   config = tiny_config(
-    tmp_path_factory.mktemp("trained") / "run",
+    os.path.join(folder, "run"),
     steps=300,
     num_train_examples=1024,
     batch_size=64,
@@ -64,5 +75,10 @@ def trained_run(tmp_path_factory):
     log_every=100,
     warmup_fraction=0.1,
   )
-  train(config)
+  with open(os.path.join(folder, "lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    done = os.path.join(folder, "done")
+    if not os.path.exists(done):
+      train(config)
+      open(done, "w").close()
   return config

@@ -60,26 +60,25 @@ class RandomNet(nn.Module):
 def init_net(net, x, seed, scale=1.0):
   """Random params (Gaussian, scaled) and random BatchNorm statistics, in ``x``'s dtype.
 
+  Drawn with NumPy on the shapes of Flax's ``init`` (traced, not run): running it would compile
+  every initialiser, seconds per network that a hypothesis test pays again for every example.
   (Flax keeps float32 params by default; with float64 inputs, BatchNorm's ``rsqrt`` of a float32
   variance would then be computed in float32, and two compilations of the same model can round it
   differently by ~1e-8: a float64 test must use a float64 model.)
   """
-  variables = net.init(jax.random.key(seed), x)
-  variables = jax.tree.map(lambda a: a.astype(x.dtype), variables)
-  leaves, tree = jax.tree.flatten(variables)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  new = []
-  for k, (path, leaf) in zip(keys, jax.tree_util.tree_flatten_with_path(variables)[0]):
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
     name = jax.tree_util.keystr(path)
     if "var" in name:
-      new.append(jax.random.uniform(k, leaf.shape, leaf.dtype, 0.5, 2.0))
+      value = rng.uniform(0.5, 2.0, leaf.shape)
     elif "mean" in name:
-      new.append(0.3 * jax.random.normal(k, leaf.shape, leaf.dtype))
+      value = 0.3 * rng.standard_normal(leaf.shape)
     else:
-      new.append(
-        scale * jax.random.normal(k, leaf.shape, leaf.dtype) / np.sqrt(max(1, leaf.shape[0]))
-      )
-  return jax.tree.unflatten(tree, new)
+      value = scale * rng.standard_normal(leaf.shape) / np.sqrt(max(1, leaf.shape[0]))
+    return jnp.asarray(value.astype(x.dtype))
+
+  return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(net.init, jax.random.key(seed), x))
 
 
 def sample_box_points(box, key, num):

@@ -40,11 +40,15 @@ def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
-def _init(name, dataset, batch=4, seed=0):
+def _init(name, dataset, batch=4, seed=0, shapes_only=False):
+  """The model, its variables (jitted init: one compilation instead of one per initialiser, or
+  only their shapes) and a random batch."""
   facts = data.info(dataset)
   model = C.get_classifier(name, 10, mean=facts.mean, std=facts.std)
   x = jax.random.uniform(jax.random.key(seed), (batch,) + SHAPES[dataset])
-  variables = model.init(jax.random.key(1), x, train=False)
+  init = lambda key, x: model.init(key, x, train=False)
+  key = jax.random.key(1)
+  variables = jax.eval_shape(init, key, x) if shapes_only else jax.jit(init)(key, x)
   return model, variables, x
 
 
@@ -52,7 +56,7 @@ def _init(name, dataset, batch=4, seed=0):
 @pytest.mark.parametrize("name", C.CLASSIFIERS)
 def test_forward_shape(name, dataset):
   model, variables, x = _init(name, dataset)
-  logits = model.apply(variables, x, train=False)
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
   assert logits.shape == (x.shape[0], 10)
   assert bool(jnp.all(jnp.isfinite(logits)))
 
@@ -84,7 +88,7 @@ def test_bn_train_mode_updates_batch_stats(name):
 
 def test_bn_free_models_have_no_batch_stats():
   for name in set(C.CLASSIFIERS) - set(C.BN_CLASSIFIERS):
-    _, variables, _ = _init(name, "mnist", batch=2)
+    _, variables, _ = _init(name, "mnist", batch=2, shapes_only=True)
     assert set(variables) == {"params"}, name
 
 
@@ -161,7 +165,7 @@ def test_jaxpr_has_only_simple_primitives():
     "custom_jvp_call",  # nn.relu is a custom_jvp around max(x, 0).
   }
   for name in C.CLASSIFIERS:
-    model, variables, x = _init(name, "cifar10", batch=2)
+    model, variables, x = _init(name, "cifar10", batch=2, shapes_only=True)
     jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x)
 
     def prims(jp):
@@ -182,7 +186,7 @@ def test_jaxpr_has_only_simple_primitives():
 def test_every_classifier_is_boundable_and_sound(name, shape):
   model = C.get_classifier(name, 10)
   x = jax.random.uniform(jax.random.key(0), (2,) + shape)
-  variables = model.init(jax.random.key(1), x)
+  variables = jax.jit(model.init)(jax.random.key(1), x)
   f = lambda v, z: model.apply(v, z, train=False)
   box = Box.from_budget(x, 0.002)
   spec = margin_spec(jnp.array([0, 1]), 10)

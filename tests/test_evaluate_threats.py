@@ -11,7 +11,8 @@ import pytest
 from cbudget import evaluate as ev
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = dict(num_examples=24, methods=("ibp", "crown-ibp"), batch_size=12, pgd_steps=3)
+# PGD alone: the strong attack is tested in test_attacks_strong.py and on trained_run (test_train).
+FAST = dict(num_examples=24, methods=("ibp", "crown-ibp"), batch_size=12, pgd_steps=3, attack="pgd")
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,7 @@ def test_launcher_threat_flag(trained_run, tmp_path):
       "--num_examples=10",
       "--methods=ibp",
       "--pgd_steps=2",
+      "--attack=pgd",
     ],
     env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
     cwd=ROOT,
@@ -141,7 +143,9 @@ def test_cross_evaluation_matrix(trained_run):
     f"uniform {a:g}·ε₀": f"uniform:{a * 0.1}",
     "ctx's budgets": f"budgets:{trained_run.workdir}",
   }
-  matrix = cross_evaluate(models, num_examples=8, methods=("ibp",), batch_size=8, pgd_steps=2)
+  matrix = cross_evaluate(
+    models, num_examples=8, methods=("ibp",), batch_size=8, pgd_steps=2, attack="pgd"
+  )
   row = matrix["ctx"]
   assert row["own"]["certified_error"] == row["ctx's budgets"]["certified_error"]
   # the floor a·ε₀ is inside ε₀'s box: never harder to certify

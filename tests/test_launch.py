@@ -72,7 +72,14 @@ def test_workdir_of_a_different_model(trained_run):
 def test_evaluate_and_visualize_a_run(trained_run, tmp_path):
   work = tmp_path / "copy"
   shutil.copytree(trained_run.workdir, work)  # the launchers write into the workdir
-  out = run("launch.evaluate", f"--workdir={work}", "--num_examples=20", "--methods=ibp,crown")
+  out = run(
+    "launch.evaluate",
+    f"--workdir={work}",
+    "--num_examples=20",
+    "--methods=ibp,crown",
+    "--attack=pgd",  # the strong attack: test_attacks_strong.py, and on trained_run in test_train
+    "--pgd_steps=5",
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert (
     "shapes / dm_small / contextual budgets, ε₀ = 0.1, threat own, 20 test examples" in out.stdout

@@ -154,7 +154,7 @@ def _growth_factors(params_of, eps=0.01):
   config = budgets.make_budget_config("uniform", None)
   model = CertifiedModel(classifiers.get_classifier("cnn7", 10), None, config, 10)
   x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
-  variables = model.init(jax.random.key(1), x)
+  variables = jax.jit(model.init)(jax.random.key(1), x)  # one compilation, not one per initialiser
   variables = variables._replace(params={**variables.params, "classifier": params_of(variables)})
   box = Box.from_budget(x, eps, None)
   layers = methods.preactivation_bounds(model, variables, box)
@@ -175,7 +175,8 @@ def test_fast_init_keeps_ibp_widths_bounded_with_depth_on_cnn7():
 def test_torch_init_draws_every_layer_from_pytorchs_uniform_bound():
   """PyTorch's default: kernels and their biases uniform in +-1/sqrt(fan-in); the rest untouched."""
   net = classifiers.get_classifier("cnn7", 10)
-  params = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+  init = jax.jit(lambda key, x: net.init(key, x, train=False))  # one compilation
+  params = init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
   out = methods.torch_init(params, jax.random.key(1))
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   checked = 0
