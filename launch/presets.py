@@ -19,7 +19,9 @@ _COMMON = dict(
 _PLAIN = dict(_COMMON, budget_range="0.25,4", warmup_fraction=0.05, kappa_end=0.0)
 # The canvases are harder to learn than the plain datasets: a longer clean warm-up, and half the
 # loss stays clean (kappa_end 0.5; with 0, IBP training of uniform budgets collapsed to a constant).
-_CANVAS = dict(_COMMON, budget_range="0.1,10", warmup_fraction=0.2, kappa_end=0.5)
+# Their budgets must see a slot's marker: the wide generator (the coarse one cannot, see
+# cbudget.models.generators.WideGenerator).
+_CANVAS = dict(_COMMON, generator="wide", budget_range="0.1,10", warmup_fraction=0.2, kappa_end=0.5)
 _BASE = {
   "mnist": dict(_PLAIN, dataset="mnist"),
   "cifar": dict(_PLAIN, dataset="cifar10"),

@@ -11,6 +11,7 @@ from cbudget.models.generators import (
   GlobalBudget,
   SmallGenerator,
   UNetGenerator,
+  WideGenerator,
   budget_model,
   get_generator,
 )
@@ -25,7 +26,7 @@ def _images(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
 
 
-@pytest.mark.parametrize("name", ["small", "unet", "coarse"])
+@pytest.mark.parametrize("name", ["small", "unet", "coarse", "wide"])
 @pytest.mark.parametrize("per_pixel", [True, False])
 def test_output_shapes(name, per_pixel):
   # Shapes only (abstract evaluation, no compilation); 7x9 exercises odd
@@ -42,6 +43,7 @@ def test_get_generator_types_and_unknown_name():
   assert isinstance(get_generator("unet", per_pixel=False), UNetGenerator)
   assert get_generator("unet", width=8).width == 8
   assert isinstance(get_generator("coarse"), CoarseGenerator)
+  assert isinstance(get_generator("wide"), WideGenerator)
   with pytest.raises(ValueError, match="small.*unet|unet.*small"):
     get_generator("resnet")
 
@@ -61,7 +63,13 @@ def test_input_normalisation_changes_output():
 
 
 @pytest.mark.parametrize(
-  "name,shape", [("small", (2, 28, 28, 1)), ("unet", (2, 32, 32, 3)), ("coarse", (2, 28, 28, 1))]
+  "name,shape",
+  [
+    ("small", (2, 28, 28, 1)),
+    ("unet", (2, 32, 32, 3)),
+    ("coarse", (2, 28, 28, 1)),
+    ("wide", (2, 56, 56, 1)),
+  ],
 )
 def test_near_uniform_at_init_and_gradients(name, shape):
   x = _images(shape, seed=1)
@@ -116,3 +124,29 @@ def test_budget_model_of_each_mode():
   assert budget_model("uniform") is None
   assert budget_model("global", per_pixel=False) == GlobalBudget(per_pixel=False)
   assert isinstance(budget_model("contextual", "small"), SmallGenerator)
+
+
+def test_wide_generator_sees_a_slot_and_the_rings_that_pooling_averages_away():
+  """What a budget depends on: a pixel 18 away (a 28-pixel canvas slot's marker is up to 14 away)
+  reaches the wide generator's budget, not the coarse one's; and two images that differ only in
+  which of two adjacent rows is lit (a canvas frame against a decoy) look the same to the coarse
+  generator, which pools pixels first, but not to the wide one."""
+  x = _images((1, 56, 56, 1), seed=3)
+  swapped = x.at[:, 20].set(x[:, 21]).at[:, 21].set(x[:, 20])  # rows 20, 21: one pooling block
+
+  @jax.jit
+  def probe(key):
+    out = {}
+    for name, gen in (
+      ("coarse", CoarseGenerator(head_init_scale=1.0)),
+      ("wide", WideGenerator(head_init_scale=1.0)),
+    ):
+      params = gen.init(key, x)
+      centre = lambda z, gen=gen, params=params: gen.apply(params, z)[0, 28, 28, 0]
+      far = jax.grad(centre)(x)[0, 28, 28 + 18, 0]
+      out[name] = far, jnp.max(jnp.abs(gen.apply(params, x) - gen.apply(params, swapped)))
+    return out
+
+  out = probe(_key(4))
+  assert out["coarse"][0] == 0 and out["wide"][0] != 0
+  assert out["coarse"][1] < 1e-6 and out["wide"][1] > 1e-3  # (the coarse one: summation order)
