@@ -61,6 +61,21 @@ def run_name(preset: str, seed: int, eps: float | None) -> str:
   return preset + (f"-eps{eps:g}" if eps is not None else "") + f"-s{seed}"
 
 
+def training_seconds(workdir: str) -> float:
+  """Wall-clock of a run's training as its metrics log records it, summed over the processes that
+  trained it (each logs ``seconds`` since it started, and a ``resumed`` event when one starts on a
+  checkpoint); the time of a process cut off between two logs is not counted."""
+  from cbudget.workdir import read_metrics
+
+  total = segment = 0.0
+  for record in read_metrics(workdir):
+    if record.get("event") == "resumed":
+      total, segment = total + segment, 0.0
+    elif "seconds" in record:
+      segment = record["seconds"]
+  return total + segment
+
+
 def run_preset(name: str, seed: int, eps: float | None = None) -> dict:
   from cbudget.evaluate import evaluate
   from cbudget.train import train
@@ -81,10 +96,9 @@ def run_preset(name: str, seed: int, eps: float | None = None) -> dict:
       overrides[key] = value
       flags_given += f" --{key} {value}"
   config = presets.train_config(name, FLAGS.schedule, **overrides)
-  t0 = time.time()
   if train(config)["interrupted"]:
     sys.exit(f"interrupted while training {name}; run the same command to resume")
-  t_train = time.time() - t0
+  t_train = training_seconds(config.workdir)  # also right when this call only resumed a run
   t1 = time.time()
   results = evaluate(
     config.workdir,

@@ -52,3 +52,15 @@ def test_table_mean_std_over_seeds_on_common_examples(tmp_path):
 def test_run_names():
   assert reproduce.run_name("mnist_uniform_0.3", 2, None) == "mnist_uniform_0.3-s2"
   assert reproduce.run_name("mnist_canvas_uniform", 0, 0.05) == "mnist_canvas_uniform-eps0.05-s0"
+
+
+def test_training_seconds_add_up_over_resumed_processes(tmp_path):
+  records = [
+    {"step": 2, "seconds": 3.0},
+    {"step": 4, "seconds": 5.0},
+    {"event": "resumed", "step": 4},  # a second process: its clock starts again
+    {"step": 6, "seconds": 2.5},
+    {"event": "resumed", "step": 6},  # a third that found the run finished
+  ]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert reproduce.training_seconds(str(tmp_path)) == 7.5
