@@ -20,11 +20,20 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The launcher's flags (defined only when run, so that importing the module for its functions
   does not clash with other launchers' flags of the same names)."""
+  from cbudget.attacks import ATTACKS
+
   flags.DEFINE_list("workdirs", None, "name=WORKDIR pairs, one per model.", required=True)
   flags.DEFINE_string("out", "results/cross", "Output path without extension (.json and .md).")
   flags.DEFINE_integer("num_examples", 1000, "Test examples (the same for every cell).")
   flags.DEFINE_list("methods", ["ibp", "crown-ibp"], "Certification methods.")
   flags.DEFINE_integer("batch_size", 100, "Evaluation batch size.")
+  flags.DEFINE_enum(
+    "attack",
+    "strong",
+    list(ATTACKS),
+    "Attack of every cell: pgd, or the worst of PGD and APGD with margin and CE loss (the matrix "
+    "compares certified errors; the attack only checks them).",
+  )
 
 
 def threats_for(models: dict[str, str]) -> dict[str, str]:
@@ -84,6 +93,7 @@ def main(argv):
     num_examples=FLAGS.num_examples,
     methods=tuple(FLAGS.methods),
     batch_size=FLAGS.batch_size,
+    attack=FLAGS.attack,
   )
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   atomic_write_text(FLAGS.out + ".json", json.dumps(matrix, indent=2) + "\n")

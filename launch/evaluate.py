@@ -14,6 +14,7 @@ import re
 
 from absl import flags
 
+from cbudget.attacks import ATTACKS
 from launch.common import run_main
 
 FLAGS = flags.FLAGS
@@ -28,7 +29,7 @@ flags.DEFINE_integer("pgd_restarts", 1, "PGD random restarts.")
 flags.DEFINE_enum(
   "attack",
   "strong",
-  ["pgd", "strong"],
+  list(ATTACKS),
   "pgd, or the worst of PGD and APGD with margin and CE loss.",
 )
 flags.DEFINE_integer(
