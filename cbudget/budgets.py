@@ -22,6 +22,8 @@ the *shape* of the budget as raw log-budgets; the scalar ``eps0`` (from a schedu
 *scale*.  :func:`budgets` combines the two with :func:`project_rows` (nominal volume) or
 :func:`project_effective_rows` (effective volume): exact shift-and-clip projections that enforce
 the volume and the range constraint, differentiable with their true (almost everywhere) Jacobians.
+With ``squash='sigmoid'`` a sigmoid between the range ends replaces the clip
+(:func:`project_soft_rows`): the same shift is solved, and saturated budgets keep a gradient.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
   "make_budget_config",
   "project_rows",
   "project_effective_rows",
+  "project_soft_rows",
   "clipped_half_width",
   "budgets",
   "budget_stats",
@@ -53,6 +56,7 @@ __all__ = [
 # oracle: budgets from the true relevance mask (a reference; cbudget.models.generators.OracleBudget)
 BUDGET_MODES = ("uniform", "global", "contextual", "oracle")
 VOLUMES = ("nominal", "effective")
+SQUASHES = ("clip", "sigmoid")
 DOMAIN_WIDTH = 1.0  # pixels lie in [0, 1]; no budget is larger than the domain
 
 
@@ -334,6 +338,86 @@ def _project_effective_rows_jvp(primals, tangents):
 
 
 # ----------------------------------------------------------------------------
+# Soft projection: a sigmoid between the range ends, so no budget is ever clipped
+# ----------------------------------------------------------------------------
+
+
+def _sigmoid_between(r, tau, lo, hi):
+  """``lo + (hi - lo) sigmoid(r + tau)`` row-wise (``r [B, d]``; ``tau, lo, hi [B]``)."""
+  return lo[:, None] + (hi - lo)[:, None] * jax.nn.sigmoid(r + tau[:, None])
+
+
+def _mean_value(v, x):
+  """The nominal log-volume: ``mean_i v_i`` (``x`` unused)."""
+  del x
+  return jnp.mean(v, axis=-1)
+
+
+def _mean_log_half_width(v, x):
+  """The effective log-volume: the mean over ``i, c`` of ``log h(exp(v_i), x[:, i, c])``."""
+  eps = jnp.exp(v)
+  near, far = _domain_distances(jnp.moveaxis(x, 2, 0))  # one [B, d] slice per channel (see above)
+  logs = [jnp.mean(jnp.log(_half_width(eps, n, f)), axis=1) for n, f in zip(near, far)]
+  return sum(logs) / len(logs)
+
+
+def _soft_shift(measure, r, x, t, uniform, lo, hi):
+  """The shift ``tau`` with ``measure(_sigmoid_between(r, tau, lo, hi), x) == t``, by bisection.
+
+  ``measure`` is nondecreasing in every ``v_i`` and ``t == measure(uniform, x)`` for the constant
+  log-budget ``uniform`` (log eps0, inside ``(lo, hi)``), so the bracket is exact: with ``p`` the
+  sigmoid level that puts a coordinate at ``uniform``, ``tau = logit(p) - max r`` puts every
+  coordinate at or below it (measure <= t) and ``logit(p) - min r`` at or above it.
+  """
+  p = (uniform - lo) / (hi - lo)
+  logit = jnp.log(p) - jnp.log1p(-p)
+  a, b = logit - jnp.max(r, axis=-1), logit - jnp.min(r, axis=-1)
+
+  def halve(_, bracket):
+    a, b = bracket
+    m = 0.5 * (a + b)
+    below = measure(_sigmoid_between(r, m, lo, hi), x) < t
+    return jnp.where(below, m, a), jnp.where(below, b, m)
+
+  a, b = jax.lax.fori_loop(0, 24 + jnp.finfo(r.dtype).nmant, halve, (a, b))
+  return 0.5 * (a + b)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def project_soft_rows(measure, r, x, t, uniform, lo, hi):
+  """``v = lo + (hi - lo) sigmoid(r + tau)`` with one shift per row such that
+  ``measure(v, x) == t`` (:func:`_mean_value`: nominal volume; :func:`_mean_log_half_width`:
+  effective volume).
+
+  Unlike the shift-and-clip projections no coordinate is ever clipped, so every budget keeps a
+  gradient; the price is that budgets only approach the range ends. Needs ``lo < uniform < hi``
+  (a range ``a < 1 < b``). Gradients by implicit differentiation of ``measure(v, x) == t``, with
+  the partial derivatives from ``jax.jvp`` of the parametrisation and the measure:
+
+      dtau = (dt - dmeasure|_{tau fixed}) / (dmeasure / dtau),   dv = dv|_{tau fixed} + dv/dtau dtau.
+  """
+  tau = _soft_shift(measure, r, x, t, uniform, lo, hi)
+  return _sigmoid_between(r, tau, lo, hi)
+
+
+@project_soft_rows.defjvp
+def _project_soft_rows_jvp(measure, primals, tangents):
+  r, x, t, uniform, lo, hi = primals
+  dr, dx, dt_, _, dlo, dhi = tangents  # the bracket's ``uniform`` does not move the solution
+  tau = _soft_shift(measure, r, x, t, uniform, lo, hi)
+  v, dv_fixed = jax.jvp(
+    lambda r, lo, hi: _sigmoid_between(r, tau, lo, hi), (r, lo, hi), (dr, dlo, dhi)
+  )
+  _, dv_dtau = jax.jvp(lambda s: _sigmoid_between(r, s, lo, hi), (tau,), (jnp.ones_like(tau),))
+  _, dm_fixed = jax.jvp(measure, (v, x), (dv_fixed, dx))
+  _, dm_dtau = jax.jvp(lambda v: measure(v, x), (v,), (dv_dtau,))
+  # dm/dtau > 0 unless every budget already covers the whole domain (effective volume: flat in tau)
+  has_slope = dm_dtau > 0
+  dtau = jnp.where(has_slope, (dt_ - dm_fixed) / jnp.where(has_slope, dm_dtau, 1.0), 0.0)
+  return v, (dv_fixed + dv_dtau * dtau[:, None]).astype(v.dtype)
+
+
+# ----------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------
 
@@ -352,6 +436,10 @@ class BudgetConfig:
       channel) instead of one per element.
     volume: ``'nominal'`` (``mean log eps == log eps0``) or ``'effective'`` (the mean log of the
       clipped half-widths equals a uniform ``eps0``'s on the same image).
+    squash: how shifted raw log-budgets enter the range: ``'clip'`` (shift and clip; a clipped
+      budget gets no gradient) or ``'sigmoid'`` (a sigmoid between the ends, shift solved the
+      same way; every budget keeps a gradient, and none reaches an end). ``'sigmoid'`` needs
+      ``a < 1 < b``.
 
   Validated on construction (see :func:`make_budget_config`).
   """
@@ -361,6 +449,7 @@ class BudgetConfig:
   ratio_max: float = 1.0
   per_pixel: bool = True
   volume: str = "nominal"
+  squash: str = "clip"
 
   def __post_init__(self):
     if self.mode not in BUDGET_MODES:
@@ -369,6 +458,8 @@ class BudgetConfig:
       )
     if self.volume not in VOLUMES:
       raise BudgetRangeError(f"unknown volume {self.volume!r}; choose one of {', '.join(VOLUMES)}")
+    if self.squash not in SQUASHES:
+      raise BudgetRangeError(f"unknown squash {self.squash!r}; choose one of {', '.join(SQUASHES)}")
     a, b = self.ratio_min, self.ratio_max
     try:
       a, b = float(a), float(b)
@@ -384,6 +475,11 @@ class BudgetConfig:
       raise BudgetRangeError(f"budget range [{a}, {b}] must contain 1: lower ratio a={a} > 1")
     if b < 1:
       raise BudgetRangeError(f"budget range [{a}, {b}] must contain 1: upper ratio b={b} < 1")
+    if self.squash == "sigmoid" and self.mode != "uniform" and not a < 1 < b:
+      raise BudgetRangeError(
+        f"budget range [{a}, {b}] with squash 'sigmoid' must contain 1 strictly inside (a < 1 < "
+        "b): a sigmoid reaches neither end, so a uniform ε₀ at an end cannot be matched"
+      )
     object.__setattr__(self, "ratio_min", a)
     object.__setattr__(self, "ratio_max", b)
     object.__setattr__(self, "per_pixel", bool(self.per_pixel))
@@ -394,6 +490,7 @@ def make_budget_config(
   budget_range: tuple[float, float] | None = None,
   per_pixel: bool = True,
   volume: str = "nominal",
+  squash: str = "clip",
 ) -> BudgetConfig:
   """Validated :class:`BudgetConfig`.
 
@@ -404,6 +501,7 @@ def make_budget_config(
       'uniform', where it defaults to ``(1, 1)``.
     per_pixel: share one budget across the channels of each pixel.
     volume: 'nominal' or 'effective' (see :class:`BudgetConfig`).
+    squash: 'clip' or 'sigmoid' (see :class:`BudgetConfig`).
 
   Raises:
     BudgetRangeError: unknown mode, missing range for a learned mode,
@@ -421,7 +519,9 @@ def make_budget_config(
     a, b = budget_range
   except (TypeError, ValueError) as e:
     raise BudgetRangeError(f"budget_range must be a pair (a, b), got {budget_range!r}") from e
-  return BudgetConfig(mode=mode, ratio_min=a, ratio_max=b, per_pixel=per_pixel, volume=volume)
+  return BudgetConfig(
+    mode=mode, ratio_min=a, ratio_max=b, per_pixel=per_pixel, volume=volume, squash=squash
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -500,14 +600,15 @@ def budgets(
     ) from e
 
   log_a, log_b = math.log(config.ratio_min), math.log(config.ratio_max)
+  soft = config.squash == "sigmoid"
   if config.volume == "nominal":
-    return _scaled_budgets(scale, raw, log_a, log_b, input_shape)
+    return _scaled_budgets(scale, raw, log_a, log_b, input_shape, soft)
   if x is None:
     raise ValueError("effective volume needs the inputs: call budgets(..., x=images)")
   x = jnp.asarray(x, dtype)
   if x.shape != input_shape:
     raise ValueError(f"x has shape {x.shape}, expected input_shape {input_shape}")
-  return _effective_budgets(scale, raw, x, log_a, log_b)
+  return _effective_budgets(scale, raw, x, log_a, log_b, soft)
 
 
 def _log_scale(scale):
@@ -515,8 +616,8 @@ def _log_scale(scale):
   return jnp.log(jnp.where(scale > 0, scale, 1.0))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _scaled_budgets(scale, raw, log_a, log_b, input_shape):
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _scaled_budgets(scale, raw, log_a, log_b, input_shape, soft=False):
   """``eps0 * exp(project(raw, 0, log a, min(log b, -log eps0)))`` broadcast to ``input_shape``.
 
   The target 0 and range ``[log a, min(log b, -log eps0)]`` are feasible when ``a <= 1 <= b``
@@ -527,12 +628,16 @@ def _scaled_budgets(scale, raw, log_a, log_b, input_shape):
   t = jnp.zeros((n,), raw.dtype)
   cap = -_log_scale(scale).reshape(n)
   lo = jnp.full((n,), log_a, raw.dtype)
-  shape = project_rows(rows, t, lo, jnp.minimum(log_b, cap))
+  hi = jnp.minimum(log_b, cap)
+  if soft:
+    shape = _soft_or_constant(_mean_value, rows, jnp.zeros((n, 1, 1), raw.dtype), t, t, lo, hi)
+  else:
+    shape = project_rows(rows, t, lo, hi)
   return jnp.broadcast_to(scale * jnp.exp(shape.reshape(raw.shape)), input_shape)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4))
-def _effective_budgets(scale, raw, x, log_a, log_b):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _effective_budgets(scale, raw, x, log_a, log_b, soft=False):
   """Budgets whose clipped boxes on ``x`` have a uniform ``eps0``'s log-volume.
 
   Solved in absolute log-budgets (the clipped width is not scale-free); ``eps0 = 0`` gives 0
@@ -546,9 +651,22 @@ def _effective_budgets(scale, raw, x, log_a, log_b):
   t = jnp.mean(jnp.log(clipped_half_width(jnp.exp(log_scale)[:, None, None], x_rows)), axis=(1, 2))
   lo = log_scale + log_a
   hi = jnp.minimum(log_scale + log_b, math.log(DOMAIN_WIDTH))
-  v = project_effective_rows(rows, x_rows, t, lo, hi)
+  if soft:
+    v = _soft_or_constant(_mean_log_half_width, rows, x_rows, t, log_scale, lo, hi)
+  else:
+    v = project_effective_rows(rows, x_rows, t, lo, hi)
   shape = (v - log_scale[:, None]).reshape(raw.shape)
   return jnp.broadcast_to(scale * jnp.exp(shape), x.shape)
+
+
+def _soft_or_constant(measure, rows, x_rows, t, uniform, lo, hi):
+  """:func:`project_soft_rows`, or the constant ``uniform`` in rows whose range has collapsed onto
+  it (``eps0 = 0``, read as 1, or ``eps0 = 1``: the cap meets the target), where no sigmoid fits."""
+  collapsed = (hi <= uniform) | (lo >= uniform)
+  lo = jnp.where(collapsed, uniform - 1.0, lo)  # any proper range: those rows are replaced below
+  hi = jnp.where(collapsed, uniform + 1.0, hi)
+  v = project_soft_rows(measure, rows, x_rows, t, uniform, lo, hi)
+  return jnp.where(collapsed[:, None], uniform[:, None], v)
 
 
 # ----------------------------------------------------------------------------

@@ -292,6 +292,7 @@ def report(
     "certify_seconds": result.seconds,
     "threat": "own" if threat is None else threat.spec,
     "volume": config.volume,
+    "squash": config.squash,
     "budget": {
       "equivalent_eps": float(stats["equivalent_eps"]),
       "min": float(result.eps.min()),

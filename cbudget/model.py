@@ -74,6 +74,7 @@ class CertifiedModel:
     per_pixel: bool = True,
     budget_range: tuple[float, float] | None = None,
     volume: str = "nominal",
+    squash: str = "clip",
   ) -> CertifiedModel:
     """The model of a run, by names; the dataset's facts give the classes and normalisation."""
     facts = data.info(dataset)
@@ -83,7 +84,7 @@ class CertifiedModel:
     return cls(
       classifiers.get_classifier(classifier, facts.num_classes, mean=facts.mean, std=facts.std),
       generators.budget_model(budget, generator, per_pixel, slot_shape),
-      make_budget_config(budget, budget_range, per_pixel, volume),
+      make_budget_config(budget, budget_range, per_pixel, volume, squash),
       facts.num_classes,
     )
 

@@ -42,6 +42,7 @@ class TrainConfig:
   eps: float = 0.2
   budget_range: tuple[float, float] = (0.25, 4.0)
   volume: str = "nominal"  # or "effective": the clipped boxes' log-volume (cbudget.budgets)
+  squash: str = "clip"  # or "sigmoid": saturated budgets keep a gradient (cbudget.budgets)
   method: str = "ibp"
   epochs: int = 20
   steps: int | None = None  # overrides epochs when set
@@ -86,6 +87,7 @@ class TrainConfig:
     "eps",
     "budget_range",
     "volume",
+    "squash",
     "method",
     "batch_size",
     "seed",
@@ -129,7 +131,7 @@ def validate(config: TrainConfig):
       f"--eps must be <= {budgets_lib.DOMAIN_WIDTH} (pixels lie in [0, 1]), got {config.eps}"
     )
   budgets_lib.make_budget_config(
-    config.budget, config.budget_range, config.per_pixel, config.volume
+    config.budget, config.budget_range, config.per_pixel, config.volume, config.squash
   )
 
 
@@ -191,6 +193,7 @@ def make_model(config: TrainConfig) -> CertifiedModel:
     per_pixel=config.per_pixel,
     budget_range=config.budget_range,
     volume=config.volume,
+    squash=config.squash,
   )
 
 

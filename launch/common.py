@@ -3,6 +3,7 @@
 import logging
 import sys
 
+import numpy as np
 from absl import app
 
 
@@ -11,6 +12,18 @@ def parse_range(value: str) -> tuple[float, float]:
   if len(parts) != 2:
     raise ValueError(f"expected 'a,b', got {value!r}")
   return float(parts[0]), float(parts[1])
+
+
+def mean_std(values, scale=100.0, digits=1) -> str:
+  """A table cell: ``mean ± std`` over seeds (sample std; just the value for one seed), '–' if
+  there is no value."""
+  values = [v for v in values if v is not None and not np.isnan(v)]
+  if not values:
+    return "–"
+  mean = scale * float(np.mean(values))
+  if len(values) == 1:
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
 
 
 def setup_devices(coordinator_address=None, num_processes=None, process_id=None):

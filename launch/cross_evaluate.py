@@ -5,6 +5,11 @@ r"""Certify every model under every model's threat: the cross-evaluation matrix.
 Each model (row) is certified under each threat (column) on the same test examples: its own budgets,
 uniform ε₀, uniform a·ε₀ (the smallest budget a learned model may give a pixel) and every other
 model's budgets. Writes ``<out>.json`` and ``<out>.md``.
+
+  python -m launch.cross_evaluate --combine results/cross_s0.json,results/cross_s1.json \
+      --out results/cross
+
+combines matrices written earlier (one per seed, say) into one table of mean ± std per cell.
 """
 
 import json
@@ -12,7 +17,7 @@ import os
 
 from absl import flags
 
-from launch.common import run_main
+from launch.common import mean_std, run_main
 
 FLAGS = flags.FLAGS
 
@@ -22,7 +27,12 @@ def define_flags():
   does not clash with other launchers' flags of the same names)."""
   from cbudget.attacks import ATTACKS
 
-  flags.DEFINE_list("workdirs", None, "name=WORKDIR pairs, one per model.", required=True)
+  flags.DEFINE_list("workdirs", None, "name=WORKDIR pairs, one per model.")
+  flags.DEFINE_list(
+    "combine",
+    [],
+    "Instead of evaluating: matrices (.json) written before, one table of mean ± std.",
+  )
   flags.DEFINE_string("out", "results/cross", "Output path without extension (.json and .md).")
   flags.DEFINE_integer("num_examples", 1000, "Test examples (the same for every cell).")
   flags.DEFINE_list("methods", ["ibp", "crown-ibp"], "Certification methods.")
@@ -64,21 +74,30 @@ def cross_evaluate(models: dict[str, str], **options) -> dict:
   }
 
 
-def markdown(matrix: dict, method: str) -> str:
-  """One table: certified error (%) of each model (row) under each threat (column)."""
-  columns = list(next(iter(matrix.values())))
+def markdown(matrices: dict | list[dict], method: str) -> str:
+  """One table: certified error (%) of each model (row) under each threat (column); given several
+  matrices (one per seed), each cell is their mean ± std."""
+  matrices = [matrices] if isinstance(matrices, dict) else list(matrices)
+  first = matrices[0]
+  columns = list(next(iter(first.values())))
+  for other in matrices[1:]:
+    if list(other) != list(first) or list(next(iter(other.values()))) != columns:
+      raise ValueError("the matrices to combine have different models or threats")
+  seeds = f"; mean ± std over {len(matrices)} matrices" if len(matrices) > 1 else ""
   lines = [
-    f"Certified error (%, {method}; every cell on the same test examples)\n",
+    f"Certified error (%, {method}; every cell on the same test examples{seeds})\n",
     "| model | " + " | ".join(columns) + " |",
     "|---|" + "---|" * len(columns),
   ]
-  for name, row in matrix.items():
-    cells = []
-    for col in columns:
-      common = row[col]["common"]
-      err = common["certified_error_best" if method == "best" else "certified_error"]
-      err = err if method == "best" else err[method]
-      cells.append(f"{100 * err:.1f}")
+
+  def error(evaluation):
+    common = evaluation["common"]
+    if method == "best":
+      return common["certified_error_best"]
+    return common["certified_error"][method]
+
+  for name in first:
+    cells = [mean_std([error(m[name][col]) for m in matrices]) for col in columns]
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -87,19 +106,34 @@ def main(argv):
   del argv
   from cbudget.workdir import atomic_write_text
 
-  models = dict(item.split("=", 1) for item in FLAGS.workdirs)
-  matrix = cross_evaluate(
-    models,
-    num_examples=FLAGS.num_examples,
-    methods=tuple(FLAGS.methods),
-    batch_size=FLAGS.batch_size,
-    attack=FLAGS.attack,
-  )
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  atomic_write_text(FLAGS.out + ".json", json.dumps(matrix, indent=2) + "\n")
-  text = "\n".join(markdown(matrix, m) for m in [*FLAGS.methods, "best"])
+  if bool(FLAGS.workdirs) == bool(FLAGS.combine):
+    raise ValueError("give either --workdirs (evaluate) or --combine (tables written before)")
+  if FLAGS.combine:
+    matrices = []
+    for path in FLAGS.combine:
+      with open(path) as f:
+        matrices.append(json.load(f))
+    methods = [m for m in FLAGS.methods if m in _methods_of(matrices[0])]
+  else:
+    models = dict(item.split("=", 1) for item in FLAGS.workdirs)
+    matrix = cross_evaluate(
+      models,
+      num_examples=FLAGS.num_examples,
+      methods=tuple(FLAGS.methods),
+      batch_size=FLAGS.batch_size,
+      attack=FLAGS.attack,
+    )
+    matrices, methods = [matrix], FLAGS.methods
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    atomic_write_text(FLAGS.out + ".json", json.dumps(matrix, indent=2) + "\n")
+  text = "\n".join(markdown(matrices, m) for m in [*methods, "best"])
   atomic_write_text(FLAGS.out + ".md", text)
   print(text)
+
+
+def _methods_of(matrix: dict) -> list[str]:
+  row = next(iter(matrix.values()))
+  return list(next(iter(row.values()))["common"]["certified_error"])
 
 
 if __name__ == "__main__":

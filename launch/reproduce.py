@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 
 from launch import presets
-from launch.common import run_main
+from launch.common import mean_std, run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -50,6 +50,9 @@ flags.DEFINE_integer(
 flags.DEFINE_list("seeds", ["0"], "Seeds: one run each; the table shows mean ± std.")
 flags.DEFINE_enum("volume", None, ["nominal", "effective"], "Override the preset's volume.")
 flags.DEFINE_list("sweep_eps", [], "Train and evaluate each preset at each of these ε₀.")
+flags.DEFINE_enum(
+  "squash", None, ["clip", "sigmoid"], "Override how raw budgets enter the range (cbudget.budgets)."
+)
 
 
 def machine() -> str:
@@ -57,8 +60,9 @@ def machine() -> str:
   return f"{platform.machine()} {os.cpu_count()} cores, {d.platform}:{d.device_kind}"
 
 
-def run_name(preset: str, seed: int, eps: float | None) -> str:
-  return preset + (f"-eps{eps:g}" if eps is not None else "") + f"-s{seed}"
+def run_name(preset: str, seed: int, eps: float | None, squash: str | None = None) -> str:
+  eps_part = f"-eps{eps:g}" if eps is not None else ""
+  return preset + eps_part + (f"-{squash}" if squash == "sigmoid" else "") + f"-s{seed}"
 
 
 def training_seconds(workdir: str) -> float:
@@ -81,7 +85,7 @@ def run_preset(name: str, seed: int, eps: float | None = None) -> dict:
   from cbudget.train import train
 
   overrides = dict(
-    workdir=os.path.join(FLAGS.workdir_root, run_name(name, seed, eps)),
+    workdir=os.path.join(FLAGS.workdir_root, run_name(name, seed, eps, FLAGS.squash)),
     data_dir=FLAGS.data_dir,
     seed=seed,
   )
@@ -90,6 +94,7 @@ def run_preset(name: str, seed: int, eps: float | None = None) -> dict:
     ("epochs", FLAGS.epochs),
     ("num_train_examples", FLAGS.num_train_examples),
     ("volume", FLAGS.volume),
+    ("squash", FLAGS.squash),
     ("eps", eps),
   ):
     if value is not None:
@@ -130,17 +135,6 @@ def run_preset(name: str, seed: int, eps: float | None = None) -> dict:
   return results
 
 
-def _cell(values, scale=100.0, digits=1) -> str:
-  """``mean ± std`` over seeds (just the value for one seed); '–' if missing."""
-  values = [v for v in values if v is not None and not np.isnan(v)]
-  if not values:
-    return "–"
-  mean = scale * float(np.mean(values))
-  if len(values) == 1:
-    return f"{mean:.{digits}f}"
-  return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
-
-
 def table(results_dir: str) -> str:
   """One row per (preset, ε₀, volume): mean ± std over the seeds present, every column on the
   same examples (``common`` in each JSON)."""
@@ -150,7 +144,8 @@ def table(results_dir: str) -> str:
       with open(os.path.join(results_dir, fname)) as f:
         r = json.load(f)
       if "common" in r:  # written before every column shared one example set: not comparable
-        groups[(r["preset"], r["eps"], r.get("volume", "nominal"))].append(r)
+        preset = r["preset"] + (" (sigmoid)" if r.get("squash") == "sigmoid" else "")
+        groups[(preset, r["eps"], r.get("volume", "nominal"))].append(r)
   methods = ("ibp", "crown-ibp", "crown")
   head = (
     "| preset | ε₀ | volume | seeds | examples | clean | PGD | cert. IBP | cert. CROWN-IBP "
@@ -162,21 +157,21 @@ def table(results_dir: str) -> str:
     common = [r["common"] for r in rows]
     b = {k: np.mean([r["budget"][k] for r in rows]) for k in rows[0]["budget"]}
     certified = [
-      _cell([c["certified_error"].get(m) for c in common])
+      mean_std([c["certified_error"].get(m) for c in common])
       if m in common[0]["certified_error"]
       else "–"
       for m in methods
     ]
     lines.append(
       f"| {preset} | {eps:.4g} | {volume} | {len(rows)} | {common[0]['num_examples']} | "
-      f"{_cell([c['clean_error'] for c in common])} | {_cell([c['pgd_error'] for c in common])} | "
+      f"{mean_std([c['clean_error'] for c in common])} | {mean_std([c['pgd_error'] for c in common])} | "
       + " | ".join(certified)
-      + f" | {_cell([c['certified_error_best'] for c in common])} | "
+      + f" | {mean_std([c['certified_error_best'] for c in common])} | "
       f"{b['equivalent_eps']:.3g} / {b['effective_equivalent_eps']:.3g} "
       f"({b['uniform_effective_equivalent_eps']:.3g}) | "
-      f"{_cell([r.get('relevance_auroc') for r in rows], 1, 3)} | "
-      f"{_cell([r.get('context_auroc') for r in rows], 1, 3)} | "
-      f"{_cell([r.get('intensity_rule_auroc') for r in rows], 1, 3)} | "
+      f"{mean_std([r.get('relevance_auroc') for r in rows], 1, 3)} | "
+      f"{mean_std([r.get('context_auroc') for r in rows], 1, 3)} | "
+      f"{mean_std([r.get('intensity_rule_auroc') for r in rows], 1, 3)} | "
       f"{np.mean([r['train_seconds'] for r in rows]):.0f} | {rows[0]['machine']} |"
     )
   return "\n".join(lines) + "\n"
@@ -196,7 +191,7 @@ def main(argv):
   for name in names:
     for eps in epsilons:
       for seed in (int(s) for s in FLAGS.seeds):
-        run = run_name(name, seed, eps)
+        run = run_name(name, seed, eps, FLAGS.squash)
         print(f"== {run}", flush=True)
         results = run_preset(name, seed, eps)
         atomic_write_text(

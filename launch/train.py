@@ -13,6 +13,7 @@ from absl import flags
 
 from cbudget import data
 from cbudget.budgets import BUDGET_MODES
+from cbudget.budgets import SQUASHES as BUDGET_SQUASHES
 from cbudget.budgets import VOLUMES as BUDGET_VOLUMES
 from cbudget.models.classifiers import CLASSIFIERS
 from cbudget.models.generators import GENERATORS
@@ -45,6 +46,13 @@ flags.DEFINE_enum(
   list(BUDGET_VOLUMES),
   "Volume constraint: 'nominal' (mean log ε = log ε₀) or 'effective' (the boxes clipped to "
   "[0, 1] have a uniform ε₀'s log-volume on the same image).",
+)
+flags.DEFINE_enum(
+  "squash",
+  "clip",
+  list(BUDGET_SQUASHES),
+  "How shifted raw log-budgets enter [a·ε₀, b·ε₀]: 'clip' (saturated budgets get no gradient) or "
+  "'sigmoid' (a sigmoid between the ends: every budget keeps a gradient; needs a < 1 < b).",
 )
 flags.DEFINE_enum(
   "method",

@@ -512,6 +512,72 @@ def test_effective_budgets_eps0_zero_and_float32():
 
 
 # ----------------------------------------------------------------------------
+# Sigmoid squash (project_soft_rows)
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("volume", ["nominal", "effective"])
+@pytest.mark.parametrize("per_pixel", [True, False])
+def test_sigmoid_squash_exact_volume_strictly_inside_the_range(x64, volume, per_pixel):
+  cfg = make_budget_config("contextual", (0.25, 4.0), per_pixel, volume, squash="sigmoid")
+  x = _images(40)
+  channels = 1 if per_pixel else 3
+  raw = jnp.asarray(np.random.default_rng(41).normal(size=(4, 6, 6, channels)) * 3)
+  eps0 = jnp.asarray([0.05, 0.1, 0.3, 0.6])
+  eps = budgets(cfg, eps0, raw, x.shape, x=x)
+  lo, hi = 0.25 * eps0[:, None, None, None], jnp.minimum(4 * eps0[:, None, None, None], 1.0)
+  assert np.all(eps > lo) and np.all(eps < hi)  # a sigmoid reaches neither end
+  if volume == "nominal":
+    np.testing.assert_allclose(np.mean(np.log(eps), axis=(1, 2, 3)), np.log(eps0), atol=1e-12)
+  else:
+    uniform = _effective_log_volume(jnp.broadcast_to(eps0[:, None, None, None], x.shape), x)
+    np.testing.assert_allclose(_effective_log_volume(eps, x), uniform, atol=1e-12)
+
+
+@pytest.mark.parametrize("volume", ["nominal", "effective"])
+def test_sigmoid_squash_gradients_match_finite_differences(x64, volume):
+  """The implicit-function JVP of the solved shift, end to end, in the raw budgets and eps0."""
+  cfg = make_budget_config("contextual", (0.1, 10.0), volume=volume, squash="sigmoid")
+  x = _images(42, (2, 4, 4, 3))
+  raw = jnp.asarray(np.random.default_rng(43).normal(size=(2, 4, 4, 1)) * 2)
+  w = jnp.asarray(np.random.default_rng(44).normal(size=x.shape))
+  loss = lambda r, e0: jnp.sum(w * budgets(cfg, e0, r, x.shape, x=x))
+  check_grads(loss, (raw, 0.2), order=1, modes=["fwd", "rev"], eps=1e-7, atol=1e-6, rtol=1e-5)
+
+
+def test_sigmoid_squash_keeps_the_gradient_of_saturated_budgets(x64):
+  """The reason for the sigmoid: a budget the clip holds at an end gets no gradient, the sigmoid's
+  does (and moves the others through the volume constraint)."""
+  raw = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(8.0)  # far above the others: clipped at b·ε₀
+  w = jnp.zeros((1, 4, 4, 1)).at[0, 0, 0, 0].set(1.0)
+  grads = {}
+  for squash in ("clip", "sigmoid"):
+    cfg = make_budget_config("contextual", (0.25, 4.0), squash=squash)
+    grads[squash] = jax.grad(lambda r: jnp.sum(w * jnp.log(budgets(cfg, 0.1, r, r.shape))))(raw)
+  assert grads["clip"][0, 0, 0, 0] == 0.0
+  assert grads["sigmoid"][0, 0, 0, 0] > 1e-5
+
+
+def test_sigmoid_squash_config_and_collapsed_ranges():
+  with pytest.raises(BudgetRangeError, match="a < 1 < b"):
+    make_budget_config("contextual", (1.0, 4.0), squash="sigmoid")
+  with pytest.raises(BudgetRangeError, match="unknown squash"):
+    make_budget_config("contextual", (0.5, 2.0), squash="tanh")
+  assert make_budget_config("uniform", squash="sigmoid").squash == "sigmoid"  # no range to fit
+  raw = jnp.asarray(np.random.default_rng(45).normal(size=(2, 4, 4, 1)), jnp.float32)
+  x = jnp.asarray(_images(46, (2, 4, 4, 1)), jnp.float32)
+  for volume in ("nominal", "effective"):
+    cfg = make_budget_config("contextual", (0.25, 4.0), volume=volume, squash="sigmoid")
+    # eps0 = 0 (a warm-up) gives zeros, eps0 = 1 (the cap meets the target) the uniform 1,
+    # both with finite (zero) gradients.
+    eps = budgets(cfg, jnp.asarray([0.0, 1.0]), raw, x.shape, x=x)
+    np.testing.assert_array_equal(eps[0], 0.0)
+    np.testing.assert_allclose(eps[1], 1.0, rtol=1e-6)
+    g = jax.grad(lambda r: jnp.sum(budgets(cfg, jnp.asarray([0.0, 1.0]), r, x.shape, x=x)))(raw)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+# ----------------------------------------------------------------------------
 # Stats
 # ----------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Cross-evaluation plumbing: threats (own, uniform:E, budgets:WORKDIR), one example set per table."""
 
+import copy
 import json
 import os
 import subprocess
@@ -155,6 +156,15 @@ def test_cross_evaluation_matrix(trained_run):
   )
   table = markdown(matrix, "ibp")
   assert table.count("\n") == 5 and "| ctx | " in table
+  # Several matrices (seeds): each cell is mean ± sample std.
+  other = copy.deepcopy(matrix)
+  err = row["own"]["common"]["certified_error"]["ibp"]
+  other["ctx"]["own"]["common"]["certified_error"]["ibp"] = err + 0.02
+  own_cell = markdown([matrix, other], "ibp").splitlines()[-1].split(" | ")[1]
+  assert own_cell == f"{100 * err + 1:.1f} ± {2 / 2**0.5:.1f}", own_cell
+  del other["ctx"]["own"]
+  with pytest.raises(ValueError, match="different models or threats"):
+    markdown([matrix, other], "ibp")
 
 
 def test_alpha_crown_and_the_largest_box_in_evaluation(trained_run):
