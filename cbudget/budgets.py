@@ -249,6 +249,23 @@ def _per_element(v, k: int):
   return v if k == 1 else jnp.repeat(v, k, axis=1)
 
 
+def _mean_value(v, x):
+  """The nominal log-volume: ``mean_i v_i`` (``x`` unused)."""
+  del x
+  return jnp.mean(v, axis=-1)
+
+
+def _mean_log_half_width(v, x):
+  """The effective log-volume: the mean over ``i, c`` of ``log h(exp(v_i), x[:, i, c])``."""
+  eps = jnp.exp(v)
+  # One [B, d] slice per element sharing a budget (channel): XLA:CPU ran the bisection 9x slower on
+  # [B, d, k] arrays reduced over two axes (and 4x on repeated budgets). In a bisection loop XLA
+  # hoists the distances, which do not depend on v, out of the loop.
+  near, far = _domain_distances(jnp.moveaxis(x, 2, 0))
+  logs = [jnp.mean(jnp.log(_half_width(eps, n, f)), axis=1) for n, f in zip(near, far)]
+  return sum(logs) / len(logs)
+
+
 def _solve_effective_rows(r, x, t, lo, hi):
   """``v = clip(r + tau, lo, hi)`` with ``mean log h(exp(v), x) == t``, row-wise.
 
@@ -262,19 +279,11 @@ def _solve_effective_rows(r, x, t, lo, hi):
   segment to solve on: the bisection itself is the solve.
   """
   lo_c, hi_c = lo[:, None], hi[:, None]
-  # One [B, d] slice per element sharing a budget (channel), distances computed once: XLA:CPU ran
-  # the bisection 9x slower on [B, d, k] arrays reduced over two axes (and 4x on repeated budgets).
-  near, far = _domain_distances(jnp.moveaxis(x, 2, 0))
-
-  def mean_log_half_width(tau):
-    eps = jnp.exp(jnp.clip(r + tau[:, None], lo_c, hi_c))
-    logs = [jnp.mean(jnp.log(_half_width(eps, n, f)), axis=1) for n, f in zip(near, far)]
-    return sum(logs) / len(logs)
 
   def halve(_, bracket):
     a, b = bracket
     m = 0.5 * (a + b)
-    below = mean_log_half_width(m) < t
+    below = _mean_log_half_width(jnp.clip(r + m[:, None], lo_c, hi_c), x) < t
     return jnp.where(below, m, a), jnp.where(below, b, m)
 
   a = lo - jnp.max(r, axis=-1)
@@ -345,20 +354,6 @@ def _project_effective_rows_jvp(primals, tangents):
 def _sigmoid_between(r, tau, lo, hi):
   """``lo + (hi - lo) sigmoid(r + tau)`` row-wise (``r [B, d]``; ``tau, lo, hi [B]``)."""
   return lo[:, None] + (hi - lo)[:, None] * jax.nn.sigmoid(r + tau[:, None])
-
-
-def _mean_value(v, x):
-  """The nominal log-volume: ``mean_i v_i`` (``x`` unused)."""
-  del x
-  return jnp.mean(v, axis=-1)
-
-
-def _mean_log_half_width(v, x):
-  """The effective log-volume: the mean over ``i, c`` of ``log h(exp(v_i), x[:, i, c])``."""
-  eps = jnp.exp(v)
-  near, far = _domain_distances(jnp.moveaxis(x, 2, 0))  # one [B, d] slice per channel (see above)
-  logs = [jnp.mean(jnp.log(_half_width(eps, n, f)), axis=1) for n, f in zip(near, far)]
-  return sum(logs) / len(logs)
 
 
 def _soft_shift(measure, r, x, t, uniform, lo, hi):
