@@ -356,13 +356,15 @@ def _sigmoid_between(r, tau, lo, hi):
   return lo[:, None] + (hi - lo)[:, None] * jax.nn.sigmoid(r + tau[:, None])
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _soft_shift(measure, r, x, t, uniform, lo, hi):
   """The shift ``tau`` with ``measure(_sigmoid_between(r, tau, lo, hi), x) == t``, by bisection.
 
   ``measure`` is nondecreasing in every ``v_i`` and ``t == measure(uniform, x)`` for the constant
   log-budget ``uniform`` (log eps0, inside ``(lo, hi)``), so the bracket is exact: with ``p`` the
   sigmoid level that puts a coordinate at ``uniform``, ``tau = logit(p) - max r`` puts every
-  coordinate at or below it (measure <= t) and ``logit(p) - min r`` at or above it.
+  coordinate at or below it (measure <= t) and ``logit(p) - min r`` at or above it. Bisection to
+  the float resolution of ``tau``, as :func:`_solve_rows`.
   """
   p = (uniform - lo) / (hi - lo)
   logit = jnp.log(p) - jnp.log1p(-p)
@@ -378,27 +380,17 @@ def _soft_shift(measure, r, x, t, uniform, lo, hi):
   return 0.5 * (a + b)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def project_soft_rows(measure, r, x, t, uniform, lo, hi):
-  """``v = lo + (hi - lo) sigmoid(r + tau)`` with one shift per row such that
-  ``measure(v, x) == t`` (:func:`_mean_value`: nominal volume; :func:`_mean_log_half_width`:
-  effective volume).
+@_soft_shift.defjvp
+def _soft_shift_jvp(measure, primals, tangents):
+  """Implicit differentiation of ``measure(v(tau), x) == t`` (nothing through the bisection):
 
-  Unlike the shift-and-clip projections no coordinate is ever clipped, so every budget keeps a
-  gradient; the price is that budgets only approach the range ends. Needs ``lo < uniform < hi``
-  (a range ``a < 1 < b``). Gradients by implicit differentiation of ``measure(v, x) == t``, with
-  the partial derivatives from ``jax.jvp`` of the parametrisation and the measure:
+      dtau = (dt - dmeasure|_{tau fixed}) / (dmeasure / dtau),
 
-      dtau = (dt - dmeasure|_{tau fixed}) / (dmeasure / dtau),   dv = dv|_{tau fixed} + dv/dtau dtau.
+  the partial derivatives by ``jax.jvp`` of the parametrisation and the measure (so this rule is
+  itself differentiable: higher derivatives are right too).
   """
-  tau = _soft_shift(measure, r, x, t, uniform, lo, hi)
-  return _sigmoid_between(r, tau, lo, hi)
-
-
-@project_soft_rows.defjvp
-def _project_soft_rows_jvp(measure, primals, tangents):
   r, x, t, uniform, lo, hi = primals
-  dr, dx, dt_, _, dlo, dhi = tangents  # the bracket's ``uniform`` does not move the solution
+  dr, dx, dt_, _, dlo, dhi = tangents  # the bracket's ``uniform`` does not move the root
   tau = _soft_shift(measure, r, x, t, uniform, lo, hi)
   v, dv_fixed = jax.jvp(
     lambda r, lo, hi: _sigmoid_between(r, tau, lo, hi), (r, lo, hi), (dr, dlo, dhi)
@@ -409,7 +401,20 @@ def _project_soft_rows_jvp(measure, primals, tangents):
   # dm/dtau > 0 unless every budget already covers the whole domain (effective volume: flat in tau)
   has_slope = dm_dtau > 0
   dtau = jnp.where(has_slope, (dt_ - dm_fixed) / jnp.where(has_slope, dm_dtau, 1.0), 0.0)
-  return v, (dv_fixed + dv_dtau * dtau[:, None]).astype(v.dtype)
+  return tau, dtau.astype(tau.dtype)
+
+
+def project_soft_rows(measure, r, x, t, uniform, lo, hi):
+  """``v = lo + (hi - lo) sigmoid(r + tau)`` with one shift per row such that
+  ``measure(v, x) == t`` (:func:`_mean_value`: nominal volume; :func:`_mean_log_half_width`:
+  effective volume).
+
+  Unlike the shift-and-clip projections no coordinate is ever clipped, so every budget keeps a
+  gradient (in float32 one far out on the sigmoid's tail still rounds to a zero slope); the price
+  is that budgets only approach the range ends. Needs ``lo < uniform < hi`` (a range ``a < 1 <
+  b``). The shift is solved by :func:`_soft_shift` and differentiated implicitly.
+  """
+  return _sigmoid_between(r, _soft_shift(measure, r, x, t, uniform, lo, hi), lo, hi)
 
 
 # ----------------------------------------------------------------------------
@@ -655,13 +660,15 @@ def _effective_budgets(scale, raw, x, log_a, log_b, soft=False):
 
 
 def _soft_or_constant(measure, rows, x_rows, t, uniform, lo, hi):
-  """:func:`project_soft_rows`, or the constant ``uniform`` in rows whose range has collapsed onto
-  it (``eps0 = 0``, read as 1, or ``eps0 = 1``: the cap meets the target), where no sigmoid fits."""
+  """:func:`project_soft_rows`, or the constant ``uniform`` (clipped to the range) in rows whose
+  range has collapsed onto it or past it (``eps0 = 0``, read as 1; ``eps0 >= 1``: the cap meets
+  the target), where no sigmoid fits."""
   collapsed = (hi <= uniform) | (lo >= uniform)
-  lo = jnp.where(collapsed, uniform - 1.0, lo)  # any proper range: those rows are replaced below
-  hi = jnp.where(collapsed, uniform + 1.0, hi)
-  v = project_soft_rows(measure, rows, x_rows, t, uniform, lo, hi)
-  return jnp.where(collapsed[:, None], uniform[:, None], v)
+  proper_lo = jnp.where(collapsed, uniform - 1.0, lo)  # any proper range: rows replaced below
+  proper_hi = jnp.where(collapsed, uniform + 1.0, hi)
+  v = project_soft_rows(measure, rows, x_rows, t, uniform, proper_lo, proper_hi)
+  # eps0 > 1 (an infeasible target, possible under jit) is held at the cap, as the clip does
+  return jnp.where(collapsed[:, None], jnp.clip(uniform, lo, hi)[:, None], v)
 
 
 # ----------------------------------------------------------------------------

@@ -106,6 +106,16 @@ def config_from_dict(values: dict) -> TrainConfig:
   return TrainConfig(**values)
 
 
+def config_defaults() -> dict:
+  """Every :class:`TrainConfig` field's default: what a ``config.json`` written before the field
+  existed means by its absence."""
+  return {
+    f.name: f.default
+    for f in dataclasses.fields(TrainConfig)
+    if f.default is not dataclasses.MISSING
+  }
+
+
 def validate(config: TrainConfig):
   if config.dataset not in data.DATASETS:
     raise ValueError(f"--dataset={config.dataset!r} is unknown; choose one of {data.DATASETS}")
@@ -434,7 +444,9 @@ def train(config: TrainConfig, *, until_step: int | None = None) -> dict:
   """
   validate(config)
   os.makedirs(config.workdir, exist_ok=True)
-  workdir.check_or_write_config(config.workdir, dataclasses.asdict(config), TrainConfig.IDENTITY)
+  workdir.check_or_write_config(
+    config.workdir, dataclasses.asdict(config), TrainConfig.IDENTITY, config_defaults()
+  )
   train_set = data.load(
     config.dataset,
     "train",

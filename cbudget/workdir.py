@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -46,17 +47,22 @@ def _jsonable(value):
   return value
 
 
-def check_or_write_config(workdir: str, config: dict, identity: Sequence[str]):
+def check_or_write_config(
+  workdir: str, config: dict, identity: Sequence[str], defaults: Mapping[str, Any] | None = None
+):
   """Write ``config.json``; if one exists, the fields in ``identity`` must match it.
 
   A workdir holding a run of a different model (or dataset, budget mode, ...) is an error, rather
-  than a silent restore of incompatible parameters.
+  than a silent restore of incompatible parameters. A field missing from an existing
+  ``config.json`` (written before the field was added) reads as its value in ``defaults``, the
+  value every run had before.
   """
   path = os.path.join(workdir, "config.json")
   config = {k: _jsonable(v) for k, v in config.items()}
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
+    old = {**{k: _jsonable(v) for k, v in (defaults or {}).items()}, **old}
     diffs = [k for k in identity if old.get(k) != config.get(k)]
     if diffs:
       detail = ", ".join(f"--{k}={old.get(k)!r} there vs {config.get(k)!r} now" for k in diffs)

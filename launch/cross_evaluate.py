@@ -113,7 +113,7 @@ def main(argv):
     for path in FLAGS.combine:
       with open(path) as f:
         matrices.append(json.load(f))
-    methods = [m for m in FLAGS.methods if m in _methods_of(matrices[0])]
+    methods = [m for m in FLAGS.methods if all(m in _methods_of(x) for x in matrices)]
   else:
     models = dict(item.split("=", 1) for item in FLAGS.workdirs)
     matrix = cross_evaluate(
@@ -124,7 +124,8 @@ def main(argv):
       attack=FLAGS.attack,
     )
     matrices, methods = [matrix], FLAGS.methods
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+  if not FLAGS.combine:
     atomic_write_text(FLAGS.out + ".json", json.dumps(matrix, indent=2) + "\n")
   text = "\n".join(markdown(matrices, m) for m in [*methods, "best"])
   atomic_write_text(FLAGS.out + ".md", text)

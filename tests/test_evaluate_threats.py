@@ -167,6 +167,34 @@ def test_cross_evaluation_matrix(trained_run):
     markdown([matrix, other], "ibp")
 
 
+def test_cross_evaluate_combines_matrices_written_before(tmp_path):
+  """``--combine``: one table of mean ± std from JSON matrices, into a folder not there yet."""
+  paths = []
+  for seed, err in enumerate((0.1, 0.3)):
+    cell = {"common": {"certified_error": {"ibp": err}, "certified_error_best": err}}
+    paths.append(tmp_path / f"cross_s{seed}.json")
+    paths[-1].write_text(json.dumps({"ctx": {"own": cell, "uniform 0.1": cell}}))
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.cross_evaluate",
+      "--combine",
+      ",".join(map(str, paths)),
+      f"--out={tmp_path}/new/cross",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  table = (tmp_path / "new" / "cross.md").read_text()
+  assert "mean ± std over 2 matrices" in table
+  assert "| ctx | 20.0 ± 14.1 | 20.0 ± 14.1 |" in table  # ibp (crown-ibp is in no matrix)
+  assert "crown-ibp" not in table
+
+
 def test_alpha_crown_and_the_largest_box_in_evaluation(trained_run):
   out = ev.evaluate(
     trained_run.workdir,

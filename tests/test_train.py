@@ -1,5 +1,6 @@
 """End to end: a few training steps on the embedded data, evaluation, resume, bad settings."""
 
+import json
 import os
 import stat
 
@@ -99,6 +100,25 @@ def test_workdir_of_another_model_is_refused(trained_run):
   other = tiny_config(trained_run.workdir, model="mlp", steps=2)
   with pytest.raises(ValueError, match="--model='dm_small' there vs 'mlp' now"):
     train(other)
+
+
+def test_config_written_before_a_field_existed_resumes(tmp_path):
+  """A ``config.json`` without a field added since (``squash``, ``volume``) matches the field's
+  default, and still differs from any other value."""
+  import dataclasses
+
+  from cbudget.train import TrainConfig, config_defaults
+
+  config = dataclasses.asdict(tiny_config(tmp_path))
+  older = {k: v for k, v in config.items() if k not in ("squash", "volume")}
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  workdir.check_or_write_config(str(tmp_path), config, TrainConfig.IDENTITY, config_defaults())
+  assert json.loads((tmp_path / "config.json").read_text())["squash"] == "clip"  # rewritten
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  with pytest.raises(ValueError, match="--squash='clip' there vs 'sigmoid' now"):
+    workdir.check_or_write_config(
+      str(tmp_path), {**config, "squash": "sigmoid"}, TrainConfig.IDENTITY, config_defaults()
+    )
 
 
 def test_bad_settings_are_clear_errors(tmp_path):
