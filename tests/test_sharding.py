@@ -9,7 +9,7 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FOUR_DEVICES = {
   **os.environ,
-  "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4",
   "JAX_PLATFORMS": "cpu",
   "PYTHONPATH": ROOT,
 }
