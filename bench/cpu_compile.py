@@ -73,13 +73,13 @@ def main(argv):
     for name, xla_flags in settings.items():
       r = run_child(xla_flags)
       results[name].append(r)
-      cells = "  ".join(f"{k} {v:6.2f} s" for k, v in r.items())
+      cells = "  ".join(f"{k} {v:7.3f} s" for k, v in r.items())
       print(f"run {i} {name:40s} {cells}", flush=True)
   medians = {
     n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()
   }
   for name, m in medians.items():
-    print(f"median {name:37s} " + "  ".join(f"{k} {v:6.2f} s" for k, v in m.items()))
+    print(f"median {name:37s} " + "  ".join(f"{k} {v:7.3f} s" for k, v in m.items()))
   ratio = {k: medians[FLAGS.flag][k] / medians["default"][k] for k in medians["default"]}
   print("ratio flag/default       " + "  ".join(f"{k} {v:5.2f}" for k, v in ratio.items()))
 
