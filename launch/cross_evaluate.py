@@ -74,10 +74,9 @@ def cross_evaluate(models: dict[str, str], **options) -> dict:
   }
 
 
-def markdown(matrices: dict | list[dict], method: str) -> str:
+def markdown(matrices: list[dict], method: str) -> str:
   """One table: certified error (%) of each model (row) under each threat (column); given several
   matrices (one per seed), each cell is their mean ± std."""
-  matrices = [matrices] if isinstance(matrices, dict) else list(matrices)
   first = matrices[0]
   columns = list(next(iter(first.values())))
   for other in matrices[1:]:

@@ -154,7 +154,7 @@ def test_cross_evaluation_matrix(trained_run):
     row[f"uniform {a:g}·ε₀"]["common"]["certified_error"]["ibp"]
     <= (row["uniform 0.1"]["common"]["certified_error"]["ibp"])
   )
-  table = markdown(matrix, "ibp")
+  table = markdown([matrix], "ibp")
   assert table.count("\n") == 5 and "| ctx | " in table
   # Several matrices (seeds): each cell is mean ± sample std.
   other = copy.deepcopy(matrix)
