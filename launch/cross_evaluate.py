@@ -107,6 +107,7 @@ def main(argv):
 
   if bool(FLAGS.workdirs) == bool(FLAGS.combine):
     raise ValueError("give either --workdirs (evaluate) or --combine (tables written before)")
+  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   if FLAGS.combine:
     matrices = []
     for path in FLAGS.combine:
@@ -122,10 +123,8 @@ def main(argv):
       batch_size=FLAGS.batch_size,
       attack=FLAGS.attack,
     )
-    matrices, methods = [matrix], FLAGS.methods
-  os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-  if not FLAGS.combine:
     atomic_write_text(FLAGS.out + ".json", json.dumps(matrix, indent=2) + "\n")
+    matrices, methods = [matrix], FLAGS.methods
   text = "\n".join(markdown(matrices, m) for m in [*methods, "best"])
   atomic_write_text(FLAGS.out + ".md", text)
   print(text)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from cbudget.budgets import SQUASHES, VOLUMES
 from launch import presets
 from launch.common import mean_std, run_main
 
@@ -48,10 +49,10 @@ flags.DEFINE_integer(
   "Full CROWN on the first N test examples only; then every column of the table is on those N.",
 )
 flags.DEFINE_list("seeds", ["0"], "Seeds: one run each; the table shows mean ± std.")
-flags.DEFINE_enum("volume", None, ["nominal", "effective"], "Override the preset's volume.")
+flags.DEFINE_enum("volume", None, list(VOLUMES), "Override the preset's volume.")
 flags.DEFINE_list("sweep_eps", [], "Train and evaluate each preset at each of these ε₀.")
 flags.DEFINE_enum(
-  "squash", None, ["clip", "sigmoid"], "Override how raw budgets enter the range (cbudget.budgets)."
+  "squash", None, list(SQUASHES), "Override how raw budgets enter the range (cbudget.budgets)."
 )
 
 
