@@ -15,9 +15,12 @@ import numpy as np
 
 from cbudget.bounds import Box, alpha_crown, crown
 from bench.common import trained_run_and_test_images
+from cbudget.evaluate import DEFAULT_CROWN_MEMORY_GIB
 from cbudget.objective import margin_spec
 
-MEM = 2 * 2**30  # bytes for one full-CROWN backward pass, as launch.evaluate
+MEM = int(
+  DEFAULT_CROWN_MEMORY_GIB * 2**30
+)  # bytes for one full-CROWN backward pass, as launch.evaluate
 
 
 def main():

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -146,7 +147,9 @@ class MetricsLog:
     os.fsync(self._file.fileno())
     if self._tb is not None:
       for k, v in record.items():
-        if isinstance(v, (int, float)) and k != "step":
+        # NaN marks a metric the step's phase does not compute (no bound in the clean warm-up):
+        # nothing to plot, and tensorboardX warns on every one.
+        if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
           self._tb.add_scalar(k, v, record["step"])
       self._tb.flush()
 

@@ -24,7 +24,11 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("bisection_steps", 12, "Halvings for the uniform ε.")
 flags.DEFINE_integer("optimize_steps", 40, "Gradient steps on the log-budgets' shape.")
 flags.DEFINE_integer("scale_steps", 10, "Halvings of the non-uniform box's global scale.")
-flags.DEFINE_float("crown_memory_gib", 2.0, "Memory for one full-CROWN backward pass.")
+flags.DEFINE_float(
+  "crown_memory_gib",
+  None,
+  "Memory for one full-CROWN backward pass; default cbudget.evaluate.DEFAULT_CROWN_MEMORY_GIB.",
+)
 flags.DEFINE_integer("plot_examples", 8, "Examples in the picture.")
 flags.register_validator("num_examples", lambda v: v >= 1, "--num_examples must be >= 1")
 
@@ -47,7 +51,9 @@ def main(argv):
   proposed = jnp.broadcast_to(model.budgets(variables.params, x, config.eps), x.shape)
   options = {}
   if FLAGS.method in ("crown", "alpha-crown"):
-    options["memory_limit"] = int(FLAGS.crown_memory_gib * 2**30)
+    from cbudget.evaluate import DEFAULT_CROWN_MEMORY_GIB
+
+    options["memory_limit"] = int((FLAGS.crown_memory_gib or DEFAULT_CROWN_MEMORY_GIB) * 2**30)
   result = certify.largest_certified_box(
     logits_fn,
     variables,

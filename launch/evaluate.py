@@ -38,7 +38,11 @@ flags.DEFINE_integer(
   "(Neuron row, example) pairs per full-CROWN backward pass; default: "
   "as many as fit --crown_memory_gib.",
 )
-flags.DEFINE_float("crown_memory_gib", 2.0, "Memory for one full-CROWN backward pass.")
+flags.DEFINE_float(
+  "crown_memory_gib",
+  None,
+  "Memory for one full-CROWN backward pass; default cbudget.evaluate.DEFAULT_CROWN_MEMORY_GIB.",
+)
 flags.DEFINE_integer(
   "crown_examples", None, "Full CROWN (the slowest method) on the first N of the examples only."
 )

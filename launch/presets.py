@@ -49,7 +49,7 @@ FAMILY = {}  # preset name -> family (mnist, cifar, mnist_canvas, cifar_canvas)
 for _family, _base in _BASE.items():
   _epsilons = {
     "mnist": ((0.3, "0.3"), (0.4, "0.4")),
-    "cifar": ((8 / 255, "8_255"), (16 / 255, "16_255")),
+    "cifar": ((2 / 255, "2_255"), (8 / 255, "8_255"), (16 / 255, "16_255")),
   }.get(_family, ((None, ""),))
   for _eps, _label in _epsilons:
     for _mode in _CANVAS_MODES if _family.endswith("_canvas") else _MODES:

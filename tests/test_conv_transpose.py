@@ -25,6 +25,14 @@ CONFIGS = [
     (1, 1, 1),
     ("NDHWC", "DHWIO", "NDHWC"),
   ),
+  # strided transposes by phases: sizes the strides do not divide, a kernel smaller than the
+  # stride (phases no tap reaches), a stride above the kernel's size, padding beyond the kernel
+  ((9, 9, 2), (3, 3, 2, 3), (2, 2), ((1, 1), (0, 1)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+  ((7, 8, 2), (1, 1, 2, 2), (2, 3), ((0, 0), (0, 0)), (1, 1), ("NHWC", "HWIO", "NHWC")),
+  ((13, 1), (2, 1, 2), (4,), ((3, 5),), (1,), ("NWC", "WIO", "NWC")),
+  ((2, 10, 9), (3, 2, 5, 4), (3, 2), ((0, 2), (-1, 3)), (1, 1), ("NCHW", "OIHW", "NCHW")),
+  # a dilated kernel with strides keeps the dilated form
+  ((11, 11, 1), (3, 3, 1, 2), (2, 2), ((1, 1), (1, 1)), (2, 2), ("NHWC", "HWIO", "NHWC")),
 ]
 
 
@@ -35,8 +43,20 @@ def _conv(params):
   )
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c[5][0] + str(c[2]))
-def test_transpose_and_its_gradients_match_jax(config):
+# Strided convolutions are transposed by phases or by one dilated convolution (chosen by channel
+# count): both forms are tested on every strided config.
+FORMS = [
+  (config, phases)
+  for config in CONFIGS
+  for phases in ((True, False) if any(s > 1 for s in config[2]) else (False,))
+]
+
+
+@pytest.mark.parametrize(
+  "config,phases", FORMS, ids=lambda c: c[5][0] + str(c[2]) if isinstance(c, tuple) else str(c)
+)
+def test_transpose_and_its_gradients_match_jax(config, phases, monkeypatch):
+  monkeypatch.setattr(conv_transpose, "PHASES_MIN_CHANNELS", 1 if phases else 10**9)
   example, kernel, *conv_params = config
   conv = _conv(conv_params)
   with jax.enable_x64(True):

@@ -347,18 +347,22 @@ class Propagator:
 
   # -- full CROWN intermediate bounds -------------------------------------------------------------
 
-  # Memory of one backward pass per (row, example) pair, in units of the largest per-example value.
-  # XLA:CPU's plan for DM-small's full CROWN is 21-30 units (CNN-7's: 4.6), and a convolution
-  # transposed into few channels (the first layer's, back to the image) takes an im2col workspace
-  # outside the plan: at 8 units, a 2 GiB limit became a >20 GB allocation there (std::bad_alloc).
+  # Memory of one backward pass per (row, example) pair, in units of the per-example input: the
+  # chunk is fixed before the forward pass, when the input is the only bounded value. XLA:CPU's
+  # plan for DM-small's and cnn_small's full CROWN (MNIST) is 21-30 units (at 0.25 GiB: 0.27 and
+  # 0.22 GiB planned), and a convolution transposed into few channels (the first layer's, back to
+  # the image) can take a workspace outside the plan: at 8 units, a 2 GiB limit became a >20 GB
+  # allocation there (std::bad_alloc). Nets whose layers are much wider than their input plan more
+  # per unit; check with ``python -m bench.crown_memory``.
   MEMORY_UNITS_PER_ROW = 32
 
   def chunk_for_memory(self, memory_limit: int) -> int:
-    """The ``chunk_size`` (row, example pairs per backward pass) that fits ``memory_limit`` bytes."""
+    """The ``chunk_size`` (row, example pairs per backward pass) that fits ``memory_limit`` bytes.
+    Call it before :meth:`forward` (the unit is then the input's size, as calibrated)."""
     return max(1, memory_limit // (self.MEMORY_UNITS_PER_ROW * self.largest_value_bytes()))
 
   def largest_value_bytes(self) -> int:
-    """Bytes of the largest value that depends on x, for one example."""
+    """Bytes of the largest bounded value computed so far, for one example."""
     sizes = [
       math.prod(v.shape) // self.batch_size * jnp.dtype(v.dtype).itemsize
       for v in self.env.values()
