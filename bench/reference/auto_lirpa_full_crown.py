@@ -16,7 +16,6 @@ The time is the median over ``--repeats`` passes over all the images, in batches
 """
 
 import argparse
-import gzip
 import statistics
 import time
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 from auto_LiRPA import BoundedModule, BoundedTensor
 from auto_LiRPA.perturbations import PerturbationLpNorm
+from torch_mnist import load_mnist, make_net
 
 p = argparse.ArgumentParser()
 p.add_argument("--net", choices=["dm_small", "cnn_small"], default="dm_small")
@@ -43,30 +43,9 @@ torch.manual_seed(args.seed)
 torch.set_num_threads(2)
 
 
-def idx(path):
-  with gzip.open(path) as f:
-    data = f.read()
-  ndim = data[3]
-  shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+xtr, ytr, xte, yte = load_mnist(args.data_dir)
 
-
-root = args.data_dir.rstrip("/") + "/mnist/"
-xtr = torch.tensor(idx(root + "train-images-idx3-ubyte.gz"), dtype=torch.float32)[:, None] / 255
-ytr = torch.tensor(idx(root + "train-labels-idx1-ubyte.gz"), dtype=torch.int64)
-xte = torch.tensor(idx(root + "t10k-images-idx3-ubyte.gz"), dtype=torch.float32)[:, None] / 255
-yte = torch.tensor(idx(root + "t10k-labels-idx1-ubyte.gz"), dtype=torch.int64)
-
-# The same layers as bench.common.NETS (Flax pads (1, 1) where PyTorch says padding=1).
-if args.net == "dm_small":
-  convs, flat = [nn.Conv2d(1, 16, 4, stride=2), nn.Conv2d(16, 32, 4, stride=1)], 32 * 10 * 10
-else:
-  convs = [nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.Conv2d(16, 32, 4, stride=2, padding=1)]
-  flat = 32 * 7 * 7
-net = nn.Sequential(
-  convs[0], nn.ReLU(), convs[1], nn.ReLU(), nn.Flatten(), nn.Linear(flat, 100), nn.ReLU(),
-  nn.Linear(100, 10),
-)  # fmt: skip
+net = make_net(args.net)
 if args.load:
   saved = np.load(args.load)
   net.load_state_dict(

@@ -16,7 +16,6 @@ without the attack: clean, IBP and CROWN-IBP on the 10,000 test images, full CRO
 """
 
 import argparse
-import gzip
 import time
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 from auto_LiRPA import BoundedModule, BoundedTensor
 from auto_LiRPA.perturbations import PerturbationLpNorm
+from torch_mnist import load_mnist, make_net
 
 p = argparse.ArgumentParser()
 p.add_argument("--epochs", type=int, default=6)
@@ -41,30 +41,9 @@ np.random.seed(args.seed)
 torch.set_num_threads(2)
 
 
-def idx(path):
-  with gzip.open(path) as f:
-    data = f.read()
-  ndim = data[3]
-  shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+xtr, ytr, xte, yte = load_mnist(args.data_dir)
 
-
-root = args.data_dir.rstrip("/") + "/mnist/"
-xtr = torch.tensor(idx(root + "train-images-idx3-ubyte.gz"), dtype=torch.float32)[:, None] / 255
-ytr = torch.tensor(idx(root + "train-labels-idx1-ubyte.gz"), dtype=torch.int64)
-xte = torch.tensor(idx(root + "t10k-images-idx3-ubyte.gz"), dtype=torch.float32)[:, None] / 255
-yte = torch.tensor(idx(root + "t10k-labels-idx1-ubyte.gz"), dtype=torch.int64)
-
-net = nn.Sequential(
-  nn.Conv2d(1, 16, 4, stride=2),
-  nn.ReLU(),
-  nn.Conv2d(16, 32, 4, stride=1),
-  nn.ReLU(),
-  nn.Flatten(),
-  nn.Linear(32 * 10 * 10, 100),
-  nn.ReLU(),
-  nn.Linear(100, 10),
-)
+net = make_net("dm_small")
 model = BoundedModule(net, torch.zeros(2, 1, 28, 28), device="cpu")
 
 
