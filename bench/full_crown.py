@@ -73,6 +73,12 @@ def main():
     "--chunk_size", type=int, help="(row, example) pairs per backward pass, instead of memory_gib"
   )
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument(
+    "--pack_rows",
+    choices=["on", "off"],
+    default="on",
+    help="pack the unstable neurons of all examples into the passes (crown's pack_rows)",
+  )
   args = parser.parse_args()
   if args.workdir:
     config, model, run_variables, x, labels = trained_run_and_test_images(
@@ -87,10 +93,11 @@ def main():
     name = f"{reference['net']} (auto_LiRPA's weights)"
   num = spec.shape[0]
   memory = int(args.memory_gib * 2**30)
+  pack = args.pack_rows == "on"
   if args.chunk_size:
-    bound = crown(apply, "crown", need_upper=False, chunk_size=args.chunk_size)
+    bound = crown(apply, "crown", need_upper=False, chunk_size=args.chunk_size, pack_rows=pack)
   else:
-    bound = crown(apply, "crown", need_upper=False, memory_limit=memory)
+    bound = crown(apply, "crown", need_upper=False, memory_limit=memory, pack_rows=pack)
   chunks = [
     (jax.tree.map(lambda a, i=i: a[i : i + batch], box), spec[i : i + batch])
     for i in range(0, num, batch)
@@ -101,7 +108,10 @@ def main():
       compiled[s.shape[0]] = (
         jax.jit(lambda v, b, s: bound(v, b, s).lower).lower(variables, b, s).compile()
       )
-  print(f"full CROWN, {name}, {num} images in batches of {batch}, on {device_description()}")
+  print(
+    f"full CROWN, {name}, {num} images in batches of {batch}, rows packed: {args.pack_rows}, "
+    f"on {device_description()}"
+  )
   planned = compiled[chunks[0][1].shape[0]].memory_analysis()
   if planned is not None:
     print(f"  planned temporaries {planned.temp_size_in_bytes / 2**30:.2f} GiB")

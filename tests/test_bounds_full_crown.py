@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import cbudget.bounds as cb
+from cbudget.bounds._src.api import shares_params_across_examples
 from tests.nets import RandomNet, init_net, sample_box_points
 
 
@@ -99,3 +100,80 @@ def test_first_layer_bounds_come_from_ibp_exactly(kind, monkeypatch):
     assert skipped == len(targets) - 1 >= 1  # one value fewer: the first pre-activations
     np.testing.assert_allclose(skipping.lower, every_layer.lower, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(skipping.upper, every_layer.upper, rtol=1e-9, atol=1e-12)
+
+
+def _batch_on_axis_1(p, x):
+  """An MLP whose hidden values hold the examples on axis 1, not 0."""
+  h = jnp.maximum(x.reshape(x.shape[0], -1) @ p["w1"], 0).T  # [H, N]
+  h = jnp.maximum(p["w2"].T @ h, 0)  # [H, N]
+  return (p["w3"].T @ h).T  # [N, K]
+
+
+def _packing_cases():
+  with jax.enable_x64(True):
+    x = jax.random.uniform(jax.random.key(0), (3, 5, 5, 1), jnp.float64)
+    for kind, activation, depth, batch_norm in [
+      ("mlp", "relu", 3, False),
+      ("cnn", "relu", 3, True),
+      ("residual", "hard_tanh", 3, False),
+    ]:
+      net = RandomNet(kind, activation, depth=depth, width=4, batch_norm=batch_norm)
+      yield kind, (lambda p, z, net=net: net.apply(p, z)), init_net(net, x, 1), x
+    keys = jax.random.split(jax.random.key(5), 3)
+    shapes = [(25, 6), (6, 6), (6, 3)]
+    p = {
+      f"w{i + 1}": jax.random.normal(k, s, jnp.float64)
+      for i, (k, s) in enumerate(zip(keys, shapes))
+    }
+    yield "batch_on_axis_1", _batch_on_axis_1, p, x
+
+
+@pytest.mark.parametrize("case", list(_packing_cases()), ids=lambda c: c[0])
+def test_packed_rows_give_the_unpacked_bounds(case, monkeypatch):
+  """Packing the unstable neurons of all examples into the passes' slots changes which slot bounds
+  what, not the bounds: every slot sees its own example's relaxations and box (odd chunks, several
+  passes and one pass alike)."""
+  from cbudget.bounds._src import propagate
+
+  _, f, params, x = case
+  calls = []
+  original = propagate.Propagator._packed_bounds_of
+
+  def spy(self, *args, **kwargs):
+    calls.append(1)
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(propagate.Propagator, "_packed_bounds_of", spy)
+  with jax.enable_x64(True):
+    box = cb.Box.from_budget(x, 0.05)
+    assert shares_params_across_examples(f, params, box)
+    for chunk in (9, 40, None):
+      calls.clear()
+      packed = jax.jit(cb.crown(f, "crown", chunk_size=chunk))(params, box)
+      assert calls, "the packed path was not taken"
+      unpacked = cb.crown(f, "crown", chunk_size=chunk, pack_rows=False)(params, box)
+      np.testing.assert_allclose(packed.lower, unpacked.lower, rtol=1e-10, atol=1e-12)
+      np.testing.assert_allclose(packed.upper, unpacked.upper, rtol=1e-10, atol=1e-12)
+    values = jax.vmap(lambda z: f(params, z))(sample_box_points(box, jax.random.key(2), 500))
+    assert bool(jnp.all(values >= packed.lower - 1e-9) & jnp.all(values <= packed.upper + 1e-9))
+
+
+def test_per_example_params_are_never_packed(monkeypatch):
+  """A params array with a batch-sized axis (a mask per example) would meet the wrong example in a
+  packed slot: such an ``fn`` is detected and bounded unpacked, soundly."""
+  from cbudget.bounds._src import propagate
+
+  monkeypatch.setattr(propagate.Propagator, "_packed_bounds_of", None)  # fails if called
+  with jax.enable_x64(True):
+    net = RandomNet("mlp", "relu", depth=3, width=4)
+    x = jax.random.uniform(jax.random.key(0), (3, 5, 5, 1), jnp.float64)
+    params = {
+      "net": init_net(net, x, 1),
+      "mask": jax.random.uniform(jax.random.key(7), x.shape, jnp.float64, 0.2, 3.0),
+    }
+    f = lambda p, z: net.apply(p["net"], z * p["mask"])
+    box = cb.Box.from_budget(x, 0.05)
+    assert not shares_params_across_examples(f, params, box)
+    bounds = cb.crown(f, "crown", chunk_size=9)(params, box)
+    values = jax.vmap(lambda z: f(params, z))(sample_box_points(box, jax.random.key(2), 500))
+    assert bool(jnp.all(values >= bounds.lower - 1e-9) & jnp.all(values <= bounds.upper + 1e-9))

@@ -95,6 +95,23 @@ def _run(fn, params, box, spec, registry, options, body):
   return _nan_where_invalid(box, body(prop, spec, graph.outputs[0]))
 
 
+def shares_params_across_examples(fn, params, box) -> bool:
+  """Whether ``fn(params, x)`` treats every example with the same parameters, as packed full-CROWN
+  rows need (their slots mix examples, and affine maps are applied to all slots alike). A params
+  array with a batch-sized axis that meets ``x`` (a per-example mask, say) cannot broadcast
+  against a batch of another size ``N + 1`` (never 1 or ``N``): tracing ``fn`` there fails or
+  gives an output that is not ``[N + 1, ...]``."""
+  if len(box.shape) < 1:
+    return False  # _check_inputs says what is wrong
+  n = box.shape[0]
+  try:
+    out = jax.eval_shape(fn, params, jax.ShapeDtypeStruct((n + 1,) + box.shape[1:], box.dtype))
+  except Exception:  # any failure: fn is not batch-size polymorphic, so do not pack
+    return False
+  leaves = jax.tree.leaves(out)
+  return bool(leaves) and all(leaf.shape[:1] == (n + 1,) for leaf in leaves)
+
+
 def _output_box(prop, out_id) -> Box:
   value = prop.env[out_id]
   return value if isinstance(value, Box) else Box(value, value)
@@ -165,6 +182,7 @@ def crown(
   memory_limit: int | None = None,
   need_upper: bool = True,
   sparse: bool = True,
+  pack_rows: bool = True,
   registry: Registry | None = None,
 ):
   """Linear relaxation propagated backward from the output (CROWN).
@@ -186,6 +204,11 @@ def crown(
     with the most unstable neurons are skipped, so the cost follows that count, not the batch's
     union. ``False`` bounds every element (dense). Either way, values whose IBP bounds are exact
     (an affine map of the input box: the first layer) get no backward pass.
+  * ``pack_rows`` (full CROWN, sparse): the unstable neurons of all examples are packed into the
+    passes, so the cost follows the batch's total count of unstable neurons rather than ``N`` times
+    the largest per-example count (about 2x less work on DM-small). Used when ``fn`` shares its
+    parameters across examples, checked by tracing it at another batch size
+    (:func:`shares_params_across_examples`); otherwise rows are not packed. Same bounds either way.
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.
@@ -202,19 +225,25 @@ def crown(
   registry = DEFAULT_REGISTRY if registry is None else registry
   options = {"relu_lower_slope": relu_lower_slope}
 
-  def body(prop, spec, out_id):
+  def body(prop, spec, out_id, pack):
     if intermediate == "crown":
       chunk = chunk_size
       if memory_limit is not None:
-        chunk = prop.chunk_for_memory(memory_limit)
-      prop.forward(crown_chunk_size=chunk, sparse=sparse)
+        chunk = prop.chunk_for_memory(memory_limit, pack)
+      prop.forward(crown_chunk_size=chunk, sparse=sparse, pack=pack)
     else:
       prop.forward()
     return _crown_bounds(prop, spec, out_id, need_upper)
 
   @functools.wraps(fn)
   def bound(params, box, spec=None) -> Box:
-    return _run(fn, params, box, spec, registry, options, body)
+    pack = (
+      intermediate == "crown"
+      and sparse
+      and pack_rows
+      and shares_params_across_examples(fn, params, as_box(box))
+    )
+    return _run(fn, params, box, spec, registry, options, functools.partial(body, pack=pack))
 
   return bound
 
