@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cbudget.bounds as cb
-from cbudget.bounds._src.api import shares_params_across_examples
+from cbudget.bounds._src.graph import build_graph
 from tests.nets import RandomNet, init_net, sample_box_points
 
 
@@ -146,7 +146,7 @@ def test_packed_rows_give_the_unpacked_bounds(case, monkeypatch):
   monkeypatch.setattr(propagate.Propagator, "_packed_bounds_of", spy)
   with jax.enable_x64(True):
     box = cb.Box.from_budget(x, 0.05)
-    assert shares_params_across_examples(f, params, box)
+    assert _shared_maps(f, params, box)
     for chunk in (9, 40, None):
       calls.clear()
       packed = jax.jit(cb.crown(f, "crown", chunk_size=chunk))(params, box)
@@ -158,11 +158,35 @@ def test_packed_rows_give_the_unpacked_bounds(case, monkeypatch):
     assert bool(jnp.all(values >= packed.lower - 1e-9) & jnp.all(values <= packed.upper + 1e-9))
 
 
-def test_per_example_params_are_never_packed(monkeypatch):
-  """A params array with a batch-sized axis (a mask per example) would meet the wrong example in a
-  packed slot: such an ``fn`` is detected and bounded unpacked, soundly."""
+def _shared_maps(f, params, box):
+  graph, _ = build_graph(f, params, box.lower, cb.DEFAULT_REGISTRY)
+  return graph.shared_maps
+
+
+def _per_example_maps():
+  """Affine maps that differ per example: a mask per example in the params, and constants built
+  from the batch size (found by a review: an ``N + 1``-batch trace accepts those)."""
+  net = RandomNet("mlp", "relu", depth=3, width=4)
+  yield "mask_in_params", lambda p, z: net.apply(p["net"], z * p["mask"])
+  yield (
+    "weight_from_arange",
+    lambda p, z: net.apply(
+      p["net"], z * (1.0 + 9.0 * (jnp.arange(z.shape[0]) == z.shape[0] - 1))[:, None, None, None]
+    ),
+  )
+  yield (
+    "fixed_key_dropout",
+    lambda p, z: net.apply(p["net"], z * jax.random.bernoulli(jax.random.key(1), 0.5, z.shape)),
+  )
+
+
+@pytest.mark.parametrize("case", list(_per_example_maps()), ids=lambda c: c[0])
+def test_per_example_affine_maps_are_never_packed(case, monkeypatch):
+  """A packed slot applies every affine map as it is, so a map that differs per example (even a
+  constant one) would meet the wrong example: the graph flags it and rows are not packed."""
   from cbudget.bounds._src import propagate
 
+  _, f = case
   monkeypatch.setattr(propagate.Propagator, "_packed_bounds_of", None)  # fails if called
   with jax.enable_x64(True):
     net = RandomNet("mlp", "relu", depth=3, width=4)
@@ -171,9 +195,8 @@ def test_per_example_params_are_never_packed(monkeypatch):
       "net": init_net(net, x, 1),
       "mask": jax.random.uniform(jax.random.key(7), x.shape, jnp.float64, 0.2, 3.0),
     }
-    f = lambda p, z: net.apply(p["net"], z * p["mask"])
     box = cb.Box.from_budget(x, 0.05)
-    assert not shares_params_across_examples(f, params, box)
+    assert not _shared_maps(f, params, box)
     bounds = cb.crown(f, "crown", chunk_size=9)(params, box)
     values = jax.vmap(lambda z: f(params, z))(sample_box_points(box, jax.random.key(2), 500))
     assert bool(jnp.all(values >= bounds.lower - 1e-9) & jnp.all(values <= bounds.upper + 1e-9))

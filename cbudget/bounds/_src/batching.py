@@ -256,6 +256,27 @@ _STRUCTURAL: dict[str, BatchRule] = {
 }
 
 
+def same_map_for_every_example(primitive, params, in_shapes, in_axes, out_axis: int) -> bool:
+  """Whether an affine primitive applies the same linear map to every example: none of its
+  arguments that do not depend on the input (``in_axes[k] is None``) varies along the examples'
+  axis. Full CROWN's packed rows apply affine maps to slots of any example, so they need it. False
+  when unsure (a per-example mask ``x * m`` with ``m`` ``[N, ...]``, a matrix per example, a rule
+  this module does not know): the rows are then not packed."""
+  fixed = [k for k, a in enumerate(in_axes) if a is None and math.prod(in_shapes[k]) > 1]
+  if not fixed:
+    return True
+  name = getattr(primitive, "name", None)
+  if name in _ELEMENTWISE:  # broadcast against the output: extent 1 (or absent) on its batch axis
+    out_ndim = max(len(s) for s in in_shapes)
+    positions = [(k, out_axis - (out_ndim - len(in_shapes[k]))) for k in fixed]
+    return all(pos < 0 or in_shapes[k][pos] == 1 for k, pos in positions)
+  if name == "dot_general":  # a matrix per example iff the examples' axis is a dot-batch axis
+    (_, _), (lb, rb) = params["dimension_numbers"]
+    return in_axes[0] not in lb if in_axes[0] is not None else in_axes[1] not in rb
+  # A kernel, or concrete indices: never along the examples (the batch rules above forbid it).
+  return name in ("conv_general_dilated", "gather")
+
+
 def builtin_batch_rule(primitive) -> BatchRule | None:
   """The batch rule of a JAX primitive, or None if cbudget does not know how it treats the batch."""
   name = getattr(primitive, "name", None)

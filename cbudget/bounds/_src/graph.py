@@ -56,6 +56,9 @@ class Graph:
   consts: dict[int, Any]  # ids of literals and closed-over constants, with their values
   bounded: set[int]  # ids that depend on the bounded input
   batch_axis: dict[int, int]  # for each of those, the axis that holds the examples
+  # Every affine node applies the same linear map to every example (batching.same_map_for_every_
+  # example): full CROWN may then pack rows of different examples into one pass.
+  shared_maps: bool = True
 
   def producer_index(self) -> dict[int, int]:
     return {out: i for i, node in enumerate(self.nodes) for out in node.outputs}
@@ -97,6 +100,7 @@ class _Builder:
     self.consts: dict[int, Any] = {}
     self.bounded: set[int] = set()
     self.axes: dict[int, int] = {}  # bounded value id -> its batch axis
+    self.shared_maps = True  # see Graph.shared_maps
     self._next = 0
 
   def out_axes(self, eqn, rule, named: bool, in_axes, where) -> list[int]:
@@ -187,6 +191,11 @@ class _Builder:
           self.bounded.update(outs)
           axes = self.out_axes(eqn, rule, named_rule is not None, in_axes, where)
           self.axes.update(zip(outs, axes))
+          if getattr(rule, "kind", "") == "affine" and self.shared_maps:
+            in_shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+            self.shared_maps = batching.same_map_for_every_example(
+              eqn.primitive, eqn.params, in_shapes, in_axes, axes[0]
+            )
       for var, i in zip(eqn.outvars, outs):
         env[var] = i
     return [self.read(env, a) for a in jaxpr.outvars]
@@ -274,5 +283,7 @@ def build_graph(fn, params, x_like, registry: Registry) -> tuple[Graph, Any]:
       f"fn's output holds the examples on axis {builder.axes[outs[0]]}; return them on the "
       "leading axis, [N, ...]"
     )
-  graph = Graph(builder.nodes, in_ids, outs, builder.consts, builder.bounded, builder.axes)
+  graph = Graph(
+    builder.nodes, in_ids, outs, builder.consts, builder.bounded, builder.axes, builder.shared_maps
+  )
   return graph, leaves
