@@ -488,7 +488,9 @@ class Propagator:
     slots, and slot ``n`` may hold any example's pair, its relaxations gathered for it
     (``backward(..., examples=...)``). Passes past the batch's total count are skipped, so an example
     with many unstable neurons no longer makes every other example's slots run empty (on DM-small,
-    the most unstable example of a batch of 100 has about twice the mean count).
+    the most unstable example of a batch of 100 has about twice the mean count). The slot axis is
+    the batch (the affine pullbacks were built for ``N`` examples), so a pass carries at least
+    ``2 N`` pairs, more than a ``chunk_size`` below that.
     """
     shape = self.env[target].shape
     axis = self.graph.batch_axis.get(target, 0)
