@@ -311,7 +311,7 @@ class Propagator:
     ``examples`` ``[R, N]`` (packed rows, see :meth:`crown_bounds_of`): slot ``n`` of row ``r``
     belongs to example ``examples[r, n]`` instead of ``n``; every per-example quantity (relaxations,
     offsets, interval bounds) is gathered for it. Affine maps are applied as they are, so they must
-    be the same for every example (shared parameters: the caller checks).
+    be the same for every example (``Graph.shared_maps``; the caller checks).
     """
     if target not in self.graph.bounded:
       return _contract(lam, self.env[target])
