@@ -434,12 +434,8 @@ class Propagator:
     """
     if pack and needed is not None and alphas is None:
       return self._packed_bounds_of(target, self.row_chunks(target, chunk_size)[0], needed)
-    shape = self.env[target].shape
-    axis = self.graph.batch_axis.get(target, 0)
-    n = shape[axis]
-    per_example = shape[:axis] + shape[axis + 1 :]  # rows are built batch-first, then moved
+    axis, n, per_example, dtype = self._layout(target)
     size = math.prod(per_example)
-    dtype = self.env[target].dtype
     chunk, num_chunks = self.row_chunks(target, chunk_size)
     rows = num_chunks * chunk
     if needed is None:  # every element, in order
@@ -479,6 +475,17 @@ class Propagator:
     lower = lower.at[example[0::2], column[0::2]].set(out[0::2], mode="drop")
     upper = jnp.full((n, size), jnp.inf, dtype)
     upper = upper.at[example[1::2], column[1::2]].set(-out[1::2], mode="drop")
+    return self._as_target(target, lower, upper)
+
+  def _layout(self, target: int):
+    """``(batch axis, N, per-example shape, dtype)`` of ``target``; rows are built batch-first."""
+    shape = self.env[target].shape
+    axis = self.graph.batch_axis.get(target, 0)
+    return axis, shape[axis], shape[:axis] + shape[axis + 1 :], self.env[target].dtype
+
+  def _as_target(self, target: int, lower, upper) -> Box:
+    """Bounds ``[N, size]`` (batch-first, flattened) as a :class:`Box` of ``target``'s shape."""
+    axis, n, per_example, _ = self._layout(target)
     per_row = lambda o: jnp.moveaxis(o.reshape((n,) + per_example), 0, axis)
     return Box(per_row(lower), per_row(upper))
 
@@ -492,12 +499,8 @@ class Propagator:
     the batch (the affine pullbacks were built for ``N`` examples), so a pass carries at least
     ``2 N`` pairs, more than a ``chunk_size`` below that.
     """
-    shape = self.env[target].shape
-    axis = self.graph.batch_axis.get(target, 0)
-    n = shape[axis]
-    per_example = shape[:axis] + shape[axis + 1 :]
+    axis, n, per_example, dtype = self._layout(target)
     size = math.prod(per_example)
-    dtype = self.env[target].dtype
     rows = max(2, chunk - chunk % 2)  # rows 2j and 2j + 1 bound the same pairs, from both sides
     per_pass = rows // 2 * n
     wanted = jnp.moveaxis(needed, axis, 0).reshape(n * size)
@@ -532,5 +535,4 @@ class Propagator:
     upper = (
       jnp.full((n * size,), jnp.inf, dtype).at[index].set(-out[:, 1::2].reshape(-1), mode="drop")
     )
-    per_row = lambda o: jnp.moveaxis(o.reshape((n,) + per_example), 0, axis)
-    return Box(per_row(lower), per_row(upper))
+    return self._as_target(target, lower, upper)
