@@ -22,9 +22,8 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from auto_LiRPA import BoundedModule, BoundedTensor
-from auto_LiRPA.perturbations import PerturbationLpNorm
-from torch_mnist import load_mnist, make_net
+from auto_LiRPA import BoundedModule
+from torch_mnist import bounded, load_mnist, make_net, spec
 
 p = argparse.ArgumentParser()
 p.add_argument("--net", choices=["dm_small", "cnn_small"], default="dm_small")
@@ -56,19 +55,6 @@ if args.load:
 model = BoundedModule(
   net, torch.zeros(2, 1, 28, 28), device="cpu", bound_opts={"conv_mode": args.conv_mode}
 )
-
-
-def spec(labels):
-  c = torch.eye(10)[labels].unsqueeze(1) - torch.eye(10).unsqueeze(0)
-  keep = labels.unsqueeze(1) != torch.arange(10).unsqueeze(0)
-  return c[keep].view(labels.size(0), 9, 10)
-
-
-def bounded(x, eps):
-  ptb = PerturbationLpNorm(
-    norm=np.inf, eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1)
-  )
-  return BoundedTensor(x, ptb)
 
 
 # IBP training: ε ramps linearly over the first two epochs, half clean and half robust loss.

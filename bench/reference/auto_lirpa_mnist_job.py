@@ -21,9 +21,8 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from auto_LiRPA import BoundedModule, BoundedTensor
-from auto_LiRPA.perturbations import PerturbationLpNorm
-from torch_mnist import load_mnist, make_net
+from auto_LiRPA import BoundedModule
+from torch_mnist import bounded, load_mnist, make_net, spec
 
 p = argparse.ArgumentParser()
 p.add_argument("--epochs", type=int, default=6)
@@ -45,19 +44,6 @@ xtr, ytr, xte, yte = load_mnist(args.data_dir)
 
 net = make_net("dm_small")
 model = BoundedModule(net, torch.zeros(2, 1, 28, 28), device="cpu")
-
-
-def spec(labels):
-  c = torch.eye(10)[labels].unsqueeze(1) - torch.eye(10).unsqueeze(0)
-  keep = labels.unsqueeze(1) != torch.arange(10).unsqueeze(0)
-  return c[keep].view(labels.size(0), 9, 10)
-
-
-def bounded(x, eps):
-  ptb = PerturbationLpNorm(
-    norm=np.inf, eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1)
-  )
-  return BoundedTensor(x, ptb)
 
 
 steps_per_epoch = (len(ytr) + args.batch_size - 1) // args.batch_size

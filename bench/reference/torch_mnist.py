@@ -1,11 +1,13 @@
-"""What both auto_LiRPA reference scripts share: MNIST from the raw IDX files, and the PyTorch
-twins of ``bench.common.NETS``. Imported as a sibling module (the scripts run as files, in
+"""What both auto_LiRPA reference scripts share: MNIST from the raw IDX files, the PyTorch
+twins of ``bench.common.NETS``, the margin spec and the clipped ℓ∞ box. Imported as a sibling module (the scripts run as files, in
 auto_LiRPA's own environment, where cbudget is not installed)."""
 
 import gzip
 
 import numpy as np
 import torch
+from auto_LiRPA import BoundedTensor
+from auto_LiRPA.perturbations import PerturbationLpNorm
 from torch import nn
 
 
@@ -42,3 +44,18 @@ def make_net(name):
     convs[0], nn.ReLU(), convs[1], nn.ReLU(), nn.Flatten(), nn.Linear(flat, 100), nn.ReLU(),
     nn.Linear(100, 10),
   )  # fmt: skip
+
+
+def spec(labels):
+  """Margin rows ``logit_y - logit_j`` for the 9 other classes: ``[N, 9, 10]``."""
+  c = torch.eye(10)[labels].unsqueeze(1) - torch.eye(10).unsqueeze(0)
+  keep = labels.unsqueeze(1) != torch.arange(10).unsqueeze(0)
+  return c[keep].view(labels.size(0), 9, 10)
+
+
+def bounded(x, eps):
+  """``x`` with the ℓ∞ box of radius ``eps`` clipped to [0, 1]."""
+  ptb = PerturbationLpNorm(
+    norm=np.inf, eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1)
+  )
+  return BoundedTensor(x, ptb)
