@@ -72,17 +72,17 @@ def _contract_offset(lam, offset, axis: int, sign: int):
 
 
 def _per_slot(examples, value, axis: int, ndim: int | None = None):
-  """``value`` (a :class:`Box` or an array broadcastable to ``ndim`` dims with the examples on
-  ``axis``) for every slot of packed rows: ``[R, ..., N, ...]`` with slot ``(r, n)`` holding example
+  """``value`` (a :class:`Box`, or an array broadcastable to ``ndim`` dims, its own by default, with
+  the examples on ``axis``) for every slot of packed rows: ``[R, ..., N, ...]`` with slot ``(r, n)`` holding example
   ``examples[r, n]``'s part. Unchanged without ``examples``, or if it is the same for every example
   (a scalar, or broadcast along the batch axis)."""
   if isinstance(value, Box):
-    return Box(
-      *(_per_slot(examples, v, axis, len(value.shape)) for v in (value.lower, value.upper))
-    )
+    return Box(*(_per_slot(examples, v, axis) for v in (value.lower, value.upper)))
   if examples is None or jnp.ndim(value) == 0:
     return value
-  missing = ndim - jnp.ndim(value)  # leading axes it is broadcast along
+  missing = (jnp.ndim(value) if ndim is None else ndim) - jnp.ndim(
+    value
+  )  # leading axes it is broadcast along
   if axis < missing or jnp.shape(value)[axis - missing] == 1:
     return value
   value = jnp.reshape(value, (1,) * missing + jnp.shape(value))
@@ -461,14 +461,8 @@ class Propagator:
         sliced = {k: lax.dynamic_slice_in_dim(a, start, chunk, axis=1) for k, a in alphas.items()}
       return self.backward(target, jnp.moveaxis(lam, 1, axis + 1), alphas=sliced)  # [chunk, N]
 
-    if num_chunks == 1:
-      out = run(0)
-    else:
-      self.prepare(target)
-      skip = lambda start: jnp.zeros((chunk, n), dtype)
-      starts = jnp.arange(num_chunks) * chunk
-      most = 2 * jnp.max(count)
-      out = lax.map(lambda s: lax.cond(s < most, run, skip, s), starts).reshape(-1, n)
+    starts = jnp.arange(num_chunks) * chunk
+    out = self._passes(target, run, starts, 2 * jnp.max(count), (chunk, n), dtype).reshape(-1, n)
     column = jnp.where(valid, element, size)  # index `size` is dropped by the scatter
     example = jnp.broadcast_to(jnp.arange(n), (rows, n))
     lower = jnp.full((n, size), -jnp.inf, dtype)
@@ -476,6 +470,15 @@ class Propagator:
     upper = jnp.full((n, size), jnp.inf, dtype)
     upper = upper.at[example[1::2], column[1::2]].set(-out[1::2], mode="drop")
     return self._as_target(target, lower, upper)
+
+  def _passes(self, target: int, run, starts, most, shape, dtype):
+    """``run(start)`` stacked over ``starts``; those at or past ``most`` are skipped at run time
+    (``lax.cond``) and give zeros of ``shape``. One pass runs inline."""
+    if len(starts) == 1:
+      return run(starts[0])[None]
+    self.prepare(target)
+    skip = lambda start: jnp.zeros(shape, dtype)
+    return lax.map(lambda s: lax.cond(s < most, run, skip, s), starts)
 
   def _layout(self, target: int):
     """``(batch axis, N, per-example shape, dtype)`` of ``target``; rows are built batch-first."""
@@ -521,12 +524,7 @@ class Propagator:
       lam = jnp.moveaxis(lam.reshape((rows, n) + per_example), 1, axis + 1)
       return self.backward(target, lam, examples=jnp.repeat(example, 2, axis=0))  # [rows, N]
 
-    if len(starts) == 1:
-      out = run(0)[None]
-    else:
-      self.prepare(target)
-      skip = lambda start: jnp.zeros((rows, n), dtype)
-      out = lax.map(lambda s: lax.cond(s < total, run, skip, s), starts)  # [passes, rows, N]
+    out = self._passes(target, run, starts, total, (rows, n), dtype)  # [passes, rows, N]
     pair, _, _, valid = jax.vmap(pairs)(starts)
     index = jnp.where(valid, pair, n * size).reshape(-1)  # index n * size is dropped
     lower = (
