@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cbudget.bounds import Box, alpha_crown, crown, crown_ibp, ibp, reference_bounds
+from cbudget.bounds import Box, HeadBounds, alpha_crown, crown, crown_ibp, crown_ibp_head, ibp
 
 EVAL_METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 DEFAULT_EVAL_METHODS = EVAL_METHODS[:3]  # α-CROWN is slow: evaluation runs it only when asked
@@ -94,46 +94,40 @@ def certified_loss(clean_logits, margin_lower, labels, kappa) -> Losses:
   return Losses(kappa * clean + (1 - kappa) * robust, clean, robust)
 
 
-def fused_robust_cross_entropy(
-  logits_fn: Callable, variables, box: Box, labels, num_classes: int, margins: Box | None = None
-):
-  """Per-example upper bounds ``[N]`` of the cross-entropy over ``box``, bounded as one function.
+def negative_cross_entropy_of_margins(margins, margins_box: Box):
+  """``-log(1 + sum_j exp(-m_j))`` ``[N, 1]``, the cross-entropy's negative as a function of the
+  margins ``m_j = z_y - z_j`` ``[N, K-1]``, written to be bounded over ``margins_box``.
 
-  The cross-entropy at ``x`` is ``log(1 + sum_{j != y} exp(z_j - z_y))`` with ``z = logits_fn(x)``;
-  CROWN-IBP bounds that scalar directly (loss fusion, Xu et al. 2020): one backward row per example
-  instead of one per margin, through the engine's ``exp`` and ``log`` relaxations.
+  It is the form ``-(s + log(exp(-s) + sum_j exp(-m_j - s)))``, the same function for any constant
+  ``s`` per example. ``s = max(0, max_j -lower(m_j))`` is the interval upper bound of every ``exp``
+  input, so ``exp`` never overflows however large the margins' bounds (an overflow would make the
+  bound ``inf`` and its gradient NaN). The relaxations commute with the shift (the chord and
+  tangent of ``e^{z - s}`` are ``e^{-s}`` times those of ``e^z``), so it changes the rounding only.
+  """
+  shift = jnp.max(-margins_box.lower, axis=1, keepdims=True)
+  shift = jax.lax.stop_gradient(jnp.maximum(jnp.nan_to_num(shift), 0))
+  total = jnp.exp(-shift) + jnp.sum(jnp.exp(-margins - shift), axis=1, keepdims=True)
+  return -(shift + jnp.log(total))
 
-  The relaxation of ``exp`` is only as good as the interval of its input, the margin
-  ``z_y - z_j``. Differencing the logits' intervals would give ``lower(z_y) - upper(z_j)``, far
-  looser than IBP with the margin folded into the last layer (``(w_y - w_j) . h``); so the margins'
-  folded IBP bounds (``margins``, ``[N, K-1]`` in the order of :func:`margin_spec`, computed here
-  when not given) enter the bounded function as :func:`cbudget.bounds.reference_bounds`, as
-  auto_LiRPA does for loss fusion. They are sound bounds of the same margins, so the result is.
 
-  It is bounded in the form ``s + log(exp(-s) + sum_j exp(z_j - z_y - s))``, the same function for
-  any constant ``s`` per example. ``s = max(0, max_j -lower(z_y - z_j))`` is the interval upper
-  bound of every ``exp`` input in the graph, so ``exp`` never overflows however large the margins'
-  bounds (an overflow would make the bound ``inf`` and its gradient NaN). The relaxations commute
-  with the shift (the chord and tangent of ``e^{z - s}`` are ``e^{-s}`` times those of ``e^z``),
-  so it changes the rounding only.
+def fused_bounds(logits_fn: Callable, variables, box: Box, labels, num_classes: int) -> HeadBounds:
+  """Loss fusion (Xu et al. 2020): CROWN-IBP bounds of the cross-entropy itself, one backward row
+  per example instead of one per margin, through the engine's ``exp`` and ``log`` relaxations.
+
+  :func:`cbudget.bounds.crown_ibp_head` with the margin spec and
+  :func:`negative_cross_entropy_of_margins` as the head: ``.spec`` holds the margins' IBP bounds
+  ``[N, K-1]`` (the spec folded into the last layer, far tighter than differencing the logits'
+  intervals, as auto_LiRPA does for loss fusion), ``-.crown.lower[:, 0]`` the fused upper bound of
+  the cross-entropy. One interval pass serves both.
   """
   spec = margin_spec(labels, num_classes, box.dtype)
-  if margins is None:
-    margins = ibp(logits_fn)(variables, box, spec)
-  shift = jnp.max(-margins.lower, axis=1, keepdims=True)
-  shift = jax.lax.stop_gradient(jnp.maximum(jnp.nan_to_num(shift), 0))
+  head = crown_ibp_head(logits_fn, negative_cross_entropy_of_margins, need_upper=False)
+  return head(variables, box, spec)
 
-  def cross_entropy(inputs, x):  # spec, shift and margin bounds travel with the weights
-    params, rows, s, known = inputs
-    margins = jnp.einsum("nsk,nk->ns", rows, logits_fn(params, x))  # z_y - z_j
-    margins = reference_bounds(margins, known.lower, known.upper)
-    total = jnp.exp(-s) + jnp.sum(jnp.exp(-margins - s), axis=1, keepdims=True)
-    return s + jnp.log(total)
 
-  minus_one = -jnp.ones((box.shape[0], 1, 1), box.dtype)  # lower bound of -CE: the upper of CE
-  inputs = (variables, spec, shift, margins)
-  lower = crown(cross_entropy, need_upper=False)(inputs, box, minus_one).lower
-  return -lower[:, 0]
+def fused_robust_cross_entropy(logits_fn: Callable, variables, box: Box, labels, num_classes: int):
+  """Per-example upper bounds ``[N]`` of the cross-entropy over ``box`` (see :func:`fused_bounds`)."""
+  return -fused_bounds(logits_fn, variables, box, labels, num_classes).crown.lower[:, 0]
 
 
 def fused_certified_loss(
@@ -148,10 +142,8 @@ def fused_certified_loss(
   so the margin is at least ``-log(expm1(U))``.
   """
   num_classes = clean_logits.shape[-1]
-  spec = margin_spec(labels, num_classes, box.dtype)
-  ibp_margins = ibp(logits_fn)(variables, box, spec)
-  ibp_lower = ibp_margins.lower
-  fused = fused_robust_cross_entropy(logits_fn, variables, box, labels, num_classes, ibp_margins)
+  bounds = fused_bounds(logits_fn, variables, box, labels, num_classes)
+  ibp_lower, fused = bounds.spec.lower, -bounds.crown.lower[:, 0]
   robust = beta * fused.mean() + (1 - beta) * robust_cross_entropy(ibp_lower, labels, num_classes)
   clean = clean_cross_entropy(clean_logits, labels)
   from_fused = -jnp.log(jnp.expm1(jax.lax.stop_gradient(fused)))

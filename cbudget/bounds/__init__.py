@@ -6,6 +6,7 @@ Entry points, each ``method(fn) -> bound(params, box, ...)``, jit/grad/vmap comp
 * :func:`crown` — linear relaxations propagated backward (CROWN-IBP with ``intermediate="ibp"``,
   full CROWN with ``intermediate="crown"``).
 * :func:`crown_ibp` — IBP and CROWN-IBP bounds from one shared forward pass (CROWN-IBP training).
+* :func:`crown_ibp_head` — the same for a nonlinear function of ``spec @ fn`` (loss fusion).
 * :func:`alpha_crown` — full CROWN with relaxations optimised per bound (α-CROWN).
 
 :func:`reference_bounds` marks an intermediate value with interval bounds the caller already knows
@@ -16,7 +17,15 @@ Extend the rules at run time with :func:`register_affine`, :func:`register_activ
 """
 
 from cbudget.bounds._src.alpha_crown import alpha_crown
-from cbudget.bounds._src.api import DEFAULT_REGISTRY, CrownIbpBounds, crown, crown_ibp, ibp
+from cbudget.bounds._src.api import (
+  DEFAULT_REGISTRY,
+  CrownIbpBounds,
+  HeadBounds,
+  crown,
+  crown_ibp,
+  crown_ibp_head,
+  ibp,
+)
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.reference import reference_bounds
 from cbudget.bounds._src.batching import BatchMixingError
@@ -97,6 +106,7 @@ __all__ = [
   "alpha_crown",
   "CrownIbpBounds",
   "DEFAULT_REGISTRY",
+  "HeadBounds",
   "LinearBounds",
   "Registry",
   "Relaxation",
@@ -105,6 +115,7 @@ __all__ = [
   "bounded_positions",
   "crown",
   "crown_ibp",
+  "crown_ibp_head",
   "elementwise_batch_rule",
   "ibp",
   "is_box",

@@ -277,3 +277,77 @@ def crown_ibp(
     return _run(fn, params, box, spec, registry, options, body)
 
   return bound
+
+
+class HeadBounds(NamedTuple):
+  """Bounds of ``head(spec @ fn(x))`` from :func:`crown_ibp_head`, and of its input."""
+
+  spec: Box  # [N, S]: IBP of spec @ fn(x), the spec folded into the trailing affine layers
+  ibp: Box  # [N, H]: IBP of the head over that box
+  crown: Box  # [N, H]: the head's linear bounds over that box composed with CROWN-IBP of fn
+
+
+def crown_ibp_head(
+  fn: Callable,
+  head: Callable,
+  *,
+  relu_lower_slope: str = "adaptive",
+  need_upper: bool = True,
+  registry: Registry | None = None,
+):
+  """Bounds of a nonlinear function of ``spec @ fn``, with one forward pass:
+  ``crown_ibp_head(fn, head)(params, box, spec) -> HeadBounds``.
+
+  ``head(m, m_box) -> [N, H]`` maps ``m = spec @ fn(params, x)`` (``[N, S]``) to the quantity to
+  bound, e.g. a loss of the logit margins (loss fusion, Xu et al. 2020); ``m_box`` is the
+  :class:`Box` the head is bounded over, for constants that must depend on it (a shift that keeps
+  ``exp`` from overflowing). One IBP pass through ``fn`` gives every intermediate bound; the spec is
+  folded into the trailing affine layers for ``m_box`` (as :func:`ibp` with ``spec``); the head is
+  relaxed over ``m_box`` by the same rules (CROWN, with IBP intermediate bounds inside the head);
+  its coefficients on ``m`` times ``spec`` start one CROWN backward pass through ``fn`` per head
+  output. Sound: ``head(m) >= lam . m + b`` on ``m_box``, ``m`` stays in ``m_box`` over the box,
+  and ``lam . m = (lam spec) . fn(x)`` is bounded below by CROWN.
+
+  Against bounding ``x -> head(spec @ fn(x), ...)`` as one function with :func:`crown`, this needs
+  no second interval pass to find ``m_box`` first, and under ``jax.grad`` the interval pass is
+  differentiated once. ``need_upper=False`` skips the upper bounds (``+inf``).
+  """
+  check_crown_options(relu_lower_slope)
+  registry = DEFAULT_REGISTRY if registry is None else registry
+  options = {"relu_lower_slope": relu_lower_slope}
+
+  def body(prop, spec, out_id):
+    if spec is None:
+      raise ValueError("crown_ibp_head needs a spec [N, S, K]: the head reads spec @ fn(x)")
+    prop.forward()
+    out = _output_box(prop, out_id)
+    rows = _spec_rows(spec, out.shape, out.dtype)
+    m_box = Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=True))
+    graph, leaves = build_graph(
+      lambda bounds, m: head(m, Box(*bounds)),
+      (m_box.lower, m_box.upper),
+      jax.ShapeDtypeStruct(m_box.shape, m_box.dtype),
+      registry,
+    )
+    head_prop = Propagator(graph, leaves, m_box, options)
+    head_prop.forward()
+    head_id = graph.outputs[0]
+    head_box = _output_box(head_prop, head_id)
+    if head_box.lower.ndim != 2 or head_box.shape[0] != m_box.shape[0]:
+      raise ValueError(f"head must return [N, H] with N = {m_box.shape[0]}, got {head_box.shape}")
+    head_rows = _identity_rows(head_box.shape, head_box.dtype)
+    if need_upper:
+      head_rows = jnp.concatenate([head_rows, -head_rows])
+    bias, lam_m = head_prop.backward(head_id, head_rows, relax=True, keep_input=True)
+    lam_out = jnp.einsum("rns,nsk->rnk", lam_m, spec.astype(lam_m.dtype))
+    both = (bias + prop.backward(out_id, lam_out, relax=True)).T
+    h = head_box.shape[1]
+    lower = both[:, :h]
+    upper = -both[:, h:] if need_upper else jnp.full_like(lower, jnp.inf)
+    return HeadBounds(m_box, head_box, Box(lower, upper))
+
+  @functools.wraps(fn)
+  def bound(params, box, spec) -> HeadBounds:
+    return _run(fn, params, box, spec, registry, options, body)
+
+  return bound

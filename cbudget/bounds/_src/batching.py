@@ -147,6 +147,11 @@ def _concatenate(in_axes, in_shapes, params):
   return [axis]
 
 
+def _stack(in_axes, in_shapes, params):
+  axis = _only(in_axes)  # the new axis goes before input axis params["axis"]
+  return [axis + 1 if axis >= params["axis"] else axis]
+
+
 def _split(in_axes, in_shapes, params):
   axis = _only(in_axes)
   _not_along(axis, (params["axis"],), "splits")
@@ -246,6 +251,7 @@ _STRUCTURAL: dict[str, BatchRule] = {
   "pad": _pad,
   "concatenate": _concatenate,
   "split": _split,
+  "stack": _stack,
   "rev": _rev,
   "reduce_window_sum": _reduce_window,
   "reduce_window_max": _reduce_window,

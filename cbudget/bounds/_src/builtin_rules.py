@@ -166,9 +166,10 @@ class BilinearRule:
     bounded = bounded_positions(args)
     if len(bounded) != 1:
       return None
+    # One bounded factor: linear in it (no offset).
     if self.name == "conv_general_dilated" and bounded == (0,) and conv_transpose.supports(params):
-      return Affine(bounded, conv_transpose.transpose_rows(evaluate, params, *args))
-    return Affine(bounded)
+      return Affine(bounded, conv_transpose.transpose_rows(evaluate, params, *args), linear=True)
+    return Affine(bounded, linear=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,6 +345,14 @@ def _hard_tanh_ibp(l, u, op):
   return jnp.clip(l, -1, 1), jnp.clip(u, -1, 1)
 
 
+def _stack_primitive():
+  """``stack`` (``jnp.stack`` since JAX 0.10; earlier JAX traced it as reshapes and a
+  ``concatenate``), taken from a trace like ``split``: ``None`` where there is none."""
+  trace = jax.make_jaxpr(lambda x: jnp.stack([x, x], axis=1))(jnp.zeros(2))
+  (eqn,) = trace.jaxpr.eqns[-1:]
+  return eqn.primitive if eqn.primitive.name == "stack" else None
+
+
 def _split_primitive():
   """``split`` (``jnp.split``) is not in ``jax.extend``: take it from a trace."""
   trace = jax.make_jaxpr(lambda x: jax.lax.split(x, (1, 1)))(jnp.zeros(2))
@@ -368,6 +377,7 @@ def register_builtins(registry: Registry) -> Registry:
     P.cumsum_p,
     P.sharding_constraint_p,
     _split_primitive(),
+    *filter(None, [_stack_primitive()]),
   ):
     registry.register(prim, SignedRule(prim.name))
   # Rounding is monotone but not affine: interval bounds only.

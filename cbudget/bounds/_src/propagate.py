@@ -93,7 +93,7 @@ def _per_slot(examples, value, axis: int, ndim: int | None = None):
 # argument (output coordinate k is x_p(k) with p one-to-one, or a constant) ...
 _REARRANGING = frozenset(
   {"reshape", "transpose", "squeeze", "slice", "rev", "copy", "copy_p", "pad", "concatenate"}
-  | {"sharding_constraint"}
+  | {"stack", "sharding_constraint"}
 )
 # ... or scale and shift each coordinate (a_k x_k + c_k), where the bounded argument has the
 # output's shape (not broadcast).
@@ -259,8 +259,9 @@ class Propagator:
 
   @staticmethod
   def _affine_pullback(evaluate, args, affine: Affine):
-    """The node's value with its bounded args at zero (the offset) and a pullback of row-stacked
-    coefficients: the rule's ``transpose`` if it has one, else JAX's VJP vmapped over rows."""
+    """The node's value with its bounded args at zero (the offset; only its shape for a linear
+    node, which has none) and a pullback of row-stacked coefficients: the rule's ``transpose`` if it
+    has one, else JAX's VJP vmapped over rows."""
     bounded = affine.bounded
 
     def fn(*values):
@@ -271,8 +272,11 @@ class Propagator:
 
     zeros = [jnp.zeros(args[i].shape, args[i].dtype) for i in bounded]
     if affine.transpose is not None:
-      return bounded, fn(*zeros), affine.transpose
-    offsets, pullback = jax.vjp(fn, *zeros)
+      offsets = jax.eval_shape(fn, *zeros) if affine.linear else fn(*zeros)
+      return bounded, offsets, affine.transpose
+    offsets, pullback = jax.vjp(fn, *zeros)  # unused offsets of a linear node: compiled away
+    if affine.linear:
+      offsets = [jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)) for o in offsets]
     return bounded, offsets, jax.vmap(pullback)
 
   def upstream_nodes(self, target: int) -> list[int]:
@@ -300,7 +304,9 @@ class Propagator:
     args = [self.env[i] for i in node.inputs]
     return node.rule.relax_with(args, node.params, node.evaluate, self.options, alpha)
 
-  def backward(self, target: int, lam, relax: bool = True, alphas=None, examples=None):
+  def backward(
+    self, target: int, lam, relax: bool = True, alphas=None, examples=None, keep_input=False
+  ):
     """Lower bounds ``[R, N]`` of ``<lam[r, n], value(target)[n]>`` over the input box.
 
     With ``relax=False`` only affine nodes are passed through; the first non-affine node meets its
@@ -312,11 +318,16 @@ class Propagator:
     belongs to example ``examples[r, n]`` instead of ``n``; every per-example quantity (relaxations,
     offsets, interval bounds) is gathered for it. Affine maps are applied as they are, so they must
     be the same for every example (``Graph.shared_maps``; the caller checks).
+
+    ``keep_input``: return ``(bias, lam_x)`` instead, the coefficients ``lam_x`` ``[R, *box]`` left
+    on the input and the bias without their interval term: ``<lam, value> >= <lam_x, x> + bias``
+    for every ``x`` in the box, a linear bound to compose with a bound of ``x`` itself.
     """
-    if target not in self.graph.bounded:
-      return _contract(lam, self.env[target])
-    if examples is not None and alphas is not None:
-      raise ValueError("packed rows (examples) and per-row relaxations (alphas) do not combine")
+    if examples is not None and (alphas is not None or keep_input):
+      raise ValueError("packed rows (examples) combine with neither alphas nor keep_input")
+    if target not in self.graph.bounded:  # a constant: no coefficients reach the input
+      bias = _contract(lam, self.env[target])
+      return (bias, self._no_input_coefficients(lam)) if keep_input else bias
     axis = self.graph.batch_axis
     slot = functools.partial(_per_slot, examples)
     lams = {target: lam}
@@ -348,21 +359,26 @@ class Propagator:
       else:
         bounded, offsets, pullback = lin
         cotangents = [
-          jnp.zeros((lam.shape[0],) + jnp.shape(off), lam.dtype) if lo is None else lo
+          jnp.zeros((lam.shape[0],) + tuple(off.shape), lam.dtype) if lo is None else lo
           for lo, off in zip(out_lams, offsets)
         ]
         for o, lo, off in zip(node.outputs, out_lams, offsets):
-          if lo is not None:
+          if lo is not None and not isinstance(off, jax.ShapeDtypeStruct):  # a linear node: none
             bias += _contract(lo, slot(off, axis[o], len(self.env[o].shape)), axis[o])
         in_lams = pullback(cotangents)
         for i, in_lam in zip(bounded, in_lams):
           self._accumulate(lams, node.inputs[i], in_lam)
     lam_x = lams.pop(self.input_id, None)
-    if lam_x is not None:
-      bias += self._interval_term(lam_x, slot(self.env[self.input_id], 0), 0)
     if lams:
       raise RuntimeError(f"internal error: coefficients left on values {sorted(lams)}")
+    if keep_input:
+      return bias, self._no_input_coefficients(lam) if lam_x is None else lam_x
+    if lam_x is not None:
+      bias += self._interval_term(lam_x, slot(self.env[self.input_id], 0), 0)
     return bias
+
+  def _no_input_coefficients(self, lam):
+    return jnp.zeros((lam.shape[0],) + self.env[self.input_id].shape, lam.dtype)
 
   @staticmethod
   def _interval_term(lam, box: Box, axis: int):

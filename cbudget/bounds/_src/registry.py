@@ -76,10 +76,16 @@ class Affine(NamedTuple):
   ``transpose`` is given: a function from the outputs' row-stacked coefficients (a list, each
   ``[R, N, ...]``) to the bounded inputs' (a list in the order of ``bounded``). A rule gives one
   where it knows a cheaper transpose, or one whose gradient is cheaper (convolutions do).
+
+  ``linear``: the node is 0 wherever its bounded inputs are 0 (a product with a concrete factor,
+  such as a convolution or a matrix product with the weights), so the backward pass adds no
+  offset. Otherwise the offset is the node evaluated at zero, which for a convolution costs a
+  forward convolution and, under ``jax.grad``, a weight gradient of zeros.
   """
 
   bounded: tuple[int, ...]
   transpose: Callable[[list], list] | None = None
+  linear: bool = False
 
 
 class Relaxation(NamedTuple):
