@@ -215,6 +215,38 @@ def test_huge_finite_box_times_zero_weight(op):
     np.testing.assert_array_equal(np.asarray(b.upper), 1.0, err_msg=name)
 
 
+INFINITE_LAYERS = {  # each makes both logits read an infinite hidden value with a positive weight
+  "mul by inf": lambda x: x * jnp.array([jnp.inf]),
+  "matmul by inf": lambda x: x @ jnp.array([[jnp.inf]]),
+  "conv by inf": lambda x: jax.lax.conv_general_dilated(
+    x[:, :, None],
+    jnp.full((1, 1, 1), jnp.inf),
+    (1,),
+    "VALID",
+    dimension_numbers=("NWC", "WIO", "NWC"),
+  )[:, :, 0],
+  "div by 0": lambda x: x / jnp.array([0.0]),
+  "add inf": lambda x: x + jnp.array([jnp.inf]),
+  "inf gain after relu": lambda x: jax.nn.relu(x + 1) * jnp.array([jnp.inf]),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(INFINITE_LAYERS))
+def test_an_infinite_weight_never_certifies_a_nan_margin(layer):
+  """The margin is ``inf - inf`` (NaN) at every point. The backward pass combines the last
+  layer's weights first (``(w_1 - w_0) * inf``, one sign), so it used to return +inf, which
+  certifies; every method must give NaN (nothing certified) instead."""
+  hidden = INFINITE_LAYERS[layer]
+  f = lambda p, x: hidden(x) @ jnp.array([[1.0, 2.0]])
+  box = Box(jnp.array([[1.0]]), jnp.array([[2.0]]))
+  spec = jnp.array([[[-1.0, 1.0]]])  # z_1 - z_0
+  assert np.isnan(jnp.einsum("nsk,nk->ns", spec, f(None, box.lower)))
+  methods = {**METHODS, "alpha_crown": lambda f: cb.alpha_crown(f, iterations=2)}
+  for name, make in methods.items():
+    lower = make(f)(None, box, spec).lower
+    assert np.isnan(lower).all(), (name, lower)
+
+
 @pytest.mark.parametrize("fn, sat", [(jax.nn.sigmoid, (0.0, 1.0)), (jnp.tanh, (-1.0, 1.0))])
 def test_saturated_s_shapes_on_huge_boxes(fn, sat):
   """sigmoid/tanh on [2e38, 3e38] used to give NaN (the midpoint overflowed): now the saturated

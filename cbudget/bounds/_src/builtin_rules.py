@@ -166,10 +166,13 @@ class BilinearRule:
     bounded = bounded_positions(args)
     if len(bounded) != 1:
       return None
-    # One bounded factor: linear in it (no offset).
+    # With one bounded factor a product is linear in it. Only the weight products skip the offset
+    # (a convolution or matrix product of zeros); for mul and div it is element-wise and cheap, and
+    # stays NaN per element where the factor is not finite or the divisor is 0.
+    linear = self.name in ("dot_general", "conv_general_dilated")
     if self.name == "conv_general_dilated" and bounded == (0,) and conv_transpose.supports(params):
-      return Affine(bounded, conv_transpose.transpose_rows(evaluate, params, *args), linear=True)
-    return Affine(bounded, linear=True)
+      return Affine(bounded, conv_transpose.transpose_rows(evaluate, params, *args), linear=linear)
+    return Affine(bounded, linear=linear)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +152,17 @@ def _intersect(ibp: Box, tight: Box) -> Box:
   return Box(lower, upper)
 
 
+class _Pullback(NamedTuple):
+  """An affine node's backward step: its offsets (shapes only when the node is linear), the
+  pullback of row-stacked coefficients, and for a linear node 0, or NaN if a concrete input is not
+  finite."""
+
+  bounded: tuple
+  offsets: list
+  pullback: Callable
+  poison: Any = None
+
+
 class Propagator:
   """Holds the bounds of every value of one example and runs backward passes over them."""
 
@@ -273,11 +285,19 @@ class Propagator:
     zeros = [jnp.zeros(args[i].shape, args[i].dtype) for i in bounded]
     if affine.transpose is not None:
       offsets = jax.eval_shape(fn, *zeros) if affine.linear else fn(*zeros)
-      return bounded, offsets, affine.transpose
-    offsets, pullback = jax.vjp(fn, *zeros)  # unused offsets of a linear node: compiled away
-    if affine.linear:
-      offsets = [jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)) for o in offsets]
-    return bounded, offsets, jax.vmap(pullback)
+      pullback = affine.transpose
+    else:
+      offsets, pullback = jax.vjp(fn, *zeros)  # unused offsets of a linear node: compiled away
+      pullback = jax.vmap(pullback)
+    if not affine.linear:
+      return _Pullback(bounded, offsets, pullback)
+    # No offset, but an inf weight must still poison the bounds: pulled back through the finite
+    # layers above first, coefficients would meet it as `(w_y - w_j) * inf`, a finite sign times
+    # inf, where the value itself is `inf - inf` (NaN). The offset `0 * inf` made them NaN before.
+    concrete = [jnp.all(jnp.isfinite(a)) for i, a in enumerate(args) if i not in bounded]
+    poison = jnp.where(jnp.all(jnp.stack(concrete)), 0.0, jnp.nan) if concrete else None
+    shapes = [jax.ShapeDtypeStruct(jnp.shape(o), jnp.result_type(o)) for o in offsets]
+    return _Pullback(bounded, shapes, pullback, poison)
 
   def upstream_nodes(self, target: int) -> list[int]:
     """Indices of the bounded nodes the backward pass from ``target`` visits, last first."""
@@ -357,13 +377,19 @@ class Propagator:
         slopes = slot(b.lower_slope, z, nd), slot(b.upper_slope, z, nd)
         self._accumulate(lams, arg, pos * slopes[0] + neg * slopes[1])
       else:
-        bounded, offsets, pullback = lin
+        bounded, offsets, pullback, poison = lin
+        if poison is not None:
+          bias += jax.lax.stop_gradient(poison).astype(bias.dtype)
         cotangents = [
           jnp.zeros((lam.shape[0],) + tuple(off.shape), lam.dtype) if lo is None else lo
           for lo, off in zip(out_lams, offsets)
         ]
         for o, lo, off in zip(node.outputs, out_lams, offsets):
           if lo is not None and not isinstance(off, jax.ShapeDtypeStruct):  # a linear node: none
+            # An infinite offset gives NaN, never +-inf: the coefficients reaching it have already
+            # combined the layers above (`(w_y - w_j) * inf`, one sign), where the value computes
+            # each layer's `w * inf` and may meet `inf - inf`.
+            off = jnp.where(jnp.isinf(off), jnp.nan, off)
             bias += _contract(lo, slot(off, axis[o], len(self.env[o].shape)), axis[o])
         in_lams = pullback(cotangents)
         for i, in_lam in zip(bounded, in_lams):

@@ -77,10 +77,11 @@ class Affine(NamedTuple):
   ``[R, N, ...]``) to the bounded inputs' (a list in the order of ``bounded``). A rule gives one
   where it knows a cheaper transpose, or one whose gradient is cheaper (convolutions do).
 
-  ``linear``: the node is 0 wherever its bounded inputs are 0 (a product with a concrete factor,
-  such as a convolution or a matrix product with the weights), so the backward pass adds no
-  offset. Otherwise the offset is the node evaluated at zero, which for a convolution costs a
-  forward convolution and, under ``jax.grad``, a weight gradient of zeros.
+  ``linear``: the node is 0 wherever its bounded inputs are 0 and its concrete inputs are finite
+  (a convolution or a matrix product with the weights), so the backward pass adds no offset. Else
+  the offset is the node evaluated at zero, which for a convolution costs a forward convolution
+  and, under ``jax.grad``, a weight gradient of zeros. A non-finite concrete input of a linear
+  node makes the bounds NaN, as its offset (``0 * inf``) did.
   """
 
   bounded: tuple[int, ...]
