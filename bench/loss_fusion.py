@@ -5,8 +5,9 @@
 Per ε (uniform budgets): the robust cross-entropy of the margins' lower bounds from IBP and from
 CROWN-IBP (the margin form CROWN-IBP training minimises), and the fused bound (one backward row per
 example) with the margins' intervals from the logits' intervals (``lower(z_y) - upper(z_j)``, the
-first version, given to the fused function as :func:`cbudget.bounds.reference_bounds`) and from IBP
-with the margin folded into the last layer (what training uses, :func:`cbudget.objective.fused_bounds`).
+first version, given to the fused function as :func:`cbudget.bounds.reference_bounds`) and from
+IBP with the margin folded into the last layer (what training uses,
+:func:`cbudget.objective.fused_bounds`).
 Lower is tighter; every column is an upper bound of the worst-case cross-entropy.
 """
 

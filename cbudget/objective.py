@@ -126,7 +126,7 @@ def fused_bounds(logits_fn: Callable, variables, box: Box, labels, num_classes: 
 
 
 def fused_robust_cross_entropy(logits_fn: Callable, variables, box: Box, labels, num_classes: int):
-  """Per-example upper bounds ``[N]`` of the cross-entropy over ``box`` (see :func:`fused_bounds`)."""
+  """Per-example upper bounds ``[N]`` of the cross-entropy over ``box`` (:func:`fused_bounds`)."""
   return -fused_bounds(logits_fn, variables, box, labels, num_classes).crown.lower[:, 0]
 
 

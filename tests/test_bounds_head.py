@@ -100,3 +100,7 @@ def test_head_needs_a_spec_and_a_batch_of_rows():
       cb.crown_ibp_head(f, _mixed_head)(params, box, None)
     with pytest.raises(ValueError, match=r"head must return \[N, H\]"):
       cb.crown_ibp_head(f, lambda m, m_box: m[:, 0])(params, box, spec)
+    # A head that mixes the examples is refused like any function, and the error says where.
+    mixing = lambda m, m_box: m - jnp.sum(m, axis=0, keepdims=True)
+    with pytest.raises(cb.BatchMixingError, match="in the head.*along the batch axis"):
+      cb.crown_ibp_head(f, mixing)(params, box, spec)

@@ -15,7 +15,7 @@ from cbudget.bounds._src import builtin_rules
 from cbudget.bounds._src.box import Box, as_box
 from cbudget.bounds._src.graph import build_graph
 from cbudget.bounds._src.propagate import Propagator
-from cbudget.bounds._src.registry import Registry
+from cbudget.bounds._src.registry import Registry, UnsupportedPrimitiveError
 from cbudget.bounds._src.relaxations import SLOPE_CHOICES
 
 DEFAULT_REGISTRY = builtin_rules.register_builtins(Registry())
@@ -301,8 +301,12 @@ def crown_ibp_head(
   ``head(m, m_box) -> [N, H]`` maps ``m = spec @ fn(params, x)`` (``[N, S]``) to the quantity to
   bound, e.g. a loss of the logit margins (loss fusion, Xu et al. 2020); ``m_box`` is the
   :class:`Box` the head is bounded over, for constants that must depend on it (a shift that keeps
-  ``exp`` from overflowing). One IBP pass through ``fn`` gives every intermediate bound; the spec is
-  folded into the trailing affine layers for ``m_box`` (as :func:`ibp` with ``spec``); the head is
+  ``exp`` from overflowing). Like ``fn``, the head must treat examples independently (mixing
+  operations on ``m`` are refused; constants from ``m_box`` must read row ``n`` only for example
+  ``n``, which cannot be checked).
+
+  One IBP pass through ``fn`` gives every intermediate bound; the spec is folded into the
+  trailing affine layers for ``m_box`` (as :func:`ibp` with ``spec``); the head is
   relaxed over ``m_box`` by the same rules (CROWN, with IBP intermediate bounds inside the head);
   its coefficients on ``m`` times ``spec`` start one CROWN backward pass through ``fn`` per head
   output. Sound: ``head(m) >= lam . m + b`` on ``m_box``, ``m`` stays in ``m_box`` over the box,
@@ -323,12 +327,15 @@ def crown_ibp_head(
     out = _output_box(prop, out_id)
     rows = _spec_rows(spec, out.shape, out.dtype)
     m_box = Box(*_bounds_from_rows(prop, out_id, rows, relax=False, need_upper=True))
-    graph, leaves = build_graph(
-      lambda bounds, m: head(m, Box(*bounds)),
-      (m_box.lower, m_box.upper),
-      jax.ShapeDtypeStruct(m_box.shape, m_box.dtype),
-      registry,
-    )
+    try:
+      graph, leaves = build_graph(
+        lambda bounds, m: head(m, Box(*bounds)),
+        (m_box.lower, m_box.upper),
+        jax.ShapeDtypeStruct(m_box.shape, m_box.dtype),
+        registry,
+      )
+    except (ValueError, UnsupportedPrimitiveError) as e:  # its messages speak of fn and x
+      raise type(e)(f"in the head, read as fn(params, x) = head(x, m_box) with x = m: {e}") from e
     head_prop = Propagator(graph, leaves, m_box, options)
     head_prop.forward()
     head_id = graph.outputs[0]
