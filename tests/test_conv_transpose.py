@@ -83,30 +83,6 @@ def test_transpose_and_its_gradients_match_jax(config, phases, monkeypatch):
       np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(
-  "config,phases", FORMS, ids=lambda c: c[5][0] + str(c[2]) if isinstance(c, tuple) else str(c)
-)
-def test_convolution_with_fast_gradient_matches_jax(config, phases, monkeypatch):
-  """IBP's convolutions: the same value as the convolution, and the same gradients w.r.t. the
-  input and the kernel as JAX derives."""
-  monkeypatch.setattr(conv_transpose, "PHASES_MIN_CHANNELS", 1 if phases else 10**9)
-  example, kernel, *conv_params = config
-  conv = _conv(conv_params)
-  with jax.enable_x64(True):
-    keys = jax.random.split(jax.random.key(1), 3)
-    x = jax.random.normal(keys[0], (2,) + example, jnp.float64)
-    w = jax.random.normal(keys[1], kernel, jnp.float64)
-    ct = jax.random.normal(keys[2], conv(x, w).shape, jnp.float64)
-    eqn = jax.make_jaxpr(conv)(x, w).eqns[0]
-    evaluate = lambda a, b: [eqn.primitive.bind(a, b, **eqn.params)]
-    spatial = [x.shape[d] for d in eqn.params["dimension_numbers"].lhs_spec[2:]]
-    ours = conv_transpose.conv_with_fast_gradient(evaluate, eqn.params, spatial)
-    np.testing.assert_allclose(ours(x, w), conv(x, w), rtol=1e-12, atol=1e-12)
-    loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, w)) * ct)
-    for a, b in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(conv), (0, 1))(x, w)):
-      np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
-
-
 def test_grouped_and_dilated_input_convolutions_use_jax_vjp():
   base = dict(
     window_strides=(1, 1),

@@ -146,11 +146,7 @@ class BilinearRule:
       centre, radius = _centre_radius(box)
       centre_args = _put(args, i, centre)
       radius_args = _put([a if is_box(a) else jnp.abs(a) for a in args], i, radius)
-      op = lambda *a: evaluate(*a)[0]
-      if self.name == "conv_general_dilated" and i == 0 and conv_transpose.supports(params):
-        lhs_spatial = [box.shape[d] for d in params["dimension_numbers"].lhs_spec[2:]]
-        op = conv_transpose.conv_with_fast_gradient(evaluate, params, lhs_spatial)
-      c, r = op(*centre_args), op(*radius_args)
+      c, r = evaluate(*centre_args)[0], evaluate(*radius_args)[0]
       r = jnp.where(jnp.isnan(r) & ~jnp.isnan(c), jnp.inf, r)  # 0 * inf: an infinite radius
       return [Box(c - r, c + r)]
     if not self.both_ok:

@@ -243,25 +243,3 @@ def transpose_rows(evaluate, params, lhs, rhs):
     return [out.reshape(rows + out.shape[1:])]
 
   return pullback
-
-
-def conv_with_fast_gradient(evaluate, params, lhs_spatial):
-  """``(x, w) -> conv(x, w)`` as ``evaluate`` runs it, differentiated this module's way: ``d/dx =
-  T(ct, w)`` and ``d/dw = patches(x)^T @ ct`` (the identity above with ``ct`` and ``g`` renamed).
-  IBP's centre and radius convolutions use it: XLA:CPU ran JAX's own weight gradient of DM-small's
-  second layer ~3x slower than the matrix product (bench/README.md)."""
-
-  @jax.custom_vjp
-  def conv(x, w):
-    return evaluate(x, w)[0]
-
-  def conv_fwd(x, w):
-    return conv(x, w), (x, w)
-
-  def conv_bwd(res, ct):
-    x, w = res
-    dx = _transposed_conv(ct, w, params, lhs_spatial).astype(x.dtype)
-    return dx, _kernel_gradient(x, ct, w.shape, params).astype(w.dtype)
-
-  conv.defvjp(conv_fwd, conv_bwd)
-  return conv
