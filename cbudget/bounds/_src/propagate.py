@@ -290,6 +290,10 @@ class Propagator:
       offsets, pullback = jax.vjp(fn, *zeros)  # unused offsets of a linear node: compiled away
       pullback = jax.vmap(pullback)
     if not affine.linear:
+      # An infinite offset gives NaN, never +-inf: the coefficients reaching it have already
+      # combined the layers above (`(w_y - w_j) * inf`, one sign), where the value computes each
+      # layer's `w * inf` and may meet `inf - inf`.
+      offsets = [jnp.where(jnp.isinf(o), jnp.nan, o) for o in offsets]
       return _Pullback(bounded, offsets, pullback)
     # No offset, but an inf weight must still poison the bounds: pulled back through the finite
     # layers above first, coefficients would meet it as `(w_y - w_j) * inf`, a finite sign times
@@ -386,10 +390,6 @@ class Propagator:
         ]
         for o, lo, off in zip(node.outputs, out_lams, offsets):
           if lo is not None and not isinstance(off, jax.ShapeDtypeStruct):  # a linear node: none
-            # An infinite offset gives NaN, never +-inf: the coefficients reaching it have already
-            # combined the layers above (`(w_y - w_j) * inf`, one sign), where the value computes
-            # each layer's `w * inf` and may meet `inf - inf`.
-            off = jnp.where(jnp.isinf(off), jnp.nan, off)
             bias += _contract(lo, slot(off, axis[o], len(self.env[o].shape)), axis[o])
         in_lams = pullback(cotangents)
         for i, in_lam in zip(bounded, in_lams):
