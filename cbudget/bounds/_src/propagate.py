@@ -74,16 +74,15 @@ def _contract_offset(lam, offset, axis: int, sign: int):
 
 def _per_slot(examples, value, axis: int, ndim: int | None = None):
   """``value`` (a :class:`Box`, or an array broadcastable to ``ndim`` dims, its own by default, with
-  the examples on ``axis``) for every slot of packed rows: ``[R, ..., N, ...]`` with slot ``(r, n)`` holding example
-  ``examples[r, n]``'s part. Unchanged without ``examples``, or if it is the same for every example
+  the examples on ``axis``) for every slot of packed rows: ``[R, ..., N, ...]`` with slot
+  ``(r, n)`` holding example ``examples[r, n]``'s part. Unchanged without ``examples``, or if it is the same for every example
   (a scalar, or broadcast along the batch axis)."""
   if isinstance(value, Box):
     return Box(*(_per_slot(examples, v, axis) for v in (value.lower, value.upper)))
   if examples is None or jnp.ndim(value) == 0:
     return value
-  missing = (jnp.ndim(value) if ndim is None else ndim) - jnp.ndim(
-    value
-  )  # leading axes it is broadcast along
+  # Leading axes it is broadcast along.
+  missing = (jnp.ndim(value) if ndim is None else ndim) - jnp.ndim(value)
   if axis < missing or jnp.shape(value)[axis - missing] == 1:
     return value
   value = jnp.reshape(value, (1,) * missing + jnp.shape(value))
