@@ -79,6 +79,12 @@ def main():
     default="on",
     help="pack the unstable neurons of all examples into the passes (crown's pack_rows)",
   )
+  parser.add_argument(
+    "--patches",
+    choices=["on", "off"],
+    default="on",
+    help="keep convolutional rows on their receptive fields (crown's patches)",
+  )
   args = parser.parse_args()
   if args.workdir:
     config, model, run_variables, x, labels = trained_run_and_test_images(
@@ -93,11 +99,11 @@ def main():
     name = f"{reference['net']} (auto_LiRPA's weights)"
   num = spec.shape[0]
   memory = int(args.memory_gib * 2**30)
-  pack = args.pack_rows == "on"
+  options = dict(pack_rows=args.pack_rows == "on", patches=args.patches == "on")
   if args.chunk_size:
-    bound = crown(apply, "crown", need_upper=False, chunk_size=args.chunk_size, pack_rows=pack)
+    bound = crown(apply, "crown", need_upper=False, chunk_size=args.chunk_size, **options)
   else:
-    bound = crown(apply, "crown", need_upper=False, memory_limit=memory, pack_rows=pack)
+    bound = crown(apply, "crown", need_upper=False, memory_limit=memory, **options)
   chunks = [
     (jax.tree.map(lambda a, i=i: a[i : i + batch], box), spec[i : i + batch])
     for i in range(0, num, batch)
@@ -110,6 +116,7 @@ def main():
       )
   print(
     f"full CROWN, {name}, {num} images in batches of {batch}, rows packed: {args.pack_rows}, "
+    f"patches: {args.patches}, "
     f"on {device_description()}"
   )
   planned = compiled[chunks[0][1].shape[0]].memory_analysis()

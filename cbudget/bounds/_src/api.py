@@ -166,6 +166,7 @@ def crown(
   need_upper: bool = True,
   sparse: bool = True,
   pack_rows: bool = True,
+  patches: bool = True,
   registry: Registry | None = None,
 ):
   """Linear relaxation propagated backward from the output (CROWN).
@@ -193,6 +194,10 @@ def crown(
     examples, so every affine map must be the same for all of them; where the graph shows one
     that may not be (``x * m`` with ``m`` of shape ``[N, ...]``, even a constant), rows are not
     packed (``Graph.shared_maps``). Same bounds either way.
+  * ``patches`` (full CROWN): the rows of a convolutional layer's neurons keep their coefficients on
+    the neuron's receptive field through the convolutions, element-wise maps and activations below
+    it, and become dense at the first other node (auto_LiRPA's patches mode; ``windows.py``).
+    ``False``: dense rows from the start (its matrix mode). Same bounds up to rounding.
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.
@@ -207,7 +212,7 @@ def crown(
     raise ValueError(f"intermediate must be one of {INTERMEDIATE_METHODS}, got {intermediate!r}")
   check_crown_options(relu_lower_slope, chunk_size, memory_limit)
   registry = DEFAULT_REGISTRY if registry is None else registry
-  options = {"relu_lower_slope": relu_lower_slope}
+  options = {"relu_lower_slope": relu_lower_slope, "patches": patches}
 
   def body(prop, spec, out_id):
     if intermediate == "crown":

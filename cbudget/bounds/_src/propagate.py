@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cbudget.bounds._src import windows
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.graph import Graph, Node
 from cbudget.bounds._src.registry import Affine, Relaxation, UnsupportedPrimitiveError
@@ -72,6 +73,18 @@ def _contract_offset(lam, offset, axis: int, sign: int):
   return jnp.where(up & down, jnp.nan, total)
 
 
+def _dense(lam):
+  """Coefficients as a dense array: windows (windows.py) are scattered into their value."""
+  return windows.densify(lam) if isinstance(lam, windows.Window) else lam
+
+
+def _dense_shape(lam) -> jax.ShapeDtypeStruct:
+  if isinstance(lam, windows.Window):
+    r, n = lam.origin.shape[:2]
+    return jax.ShapeDtypeStruct((r, n) + lam.spatial + lam.values.shape[-1:], lam.values.dtype)
+  return jax.ShapeDtypeStruct(lam.shape, lam.dtype)
+
+
 def _per_slot(examples, value, axis: int, ndim: int | None = None):
   """``value`` (a :class:`Box`, or an array broadcastable to ``ndim`` dims, its own by default, with
   the examples on ``axis``) for every slot of packed rows: ``[R, ..., N, ...]`` with slot
@@ -98,6 +111,8 @@ _REARRANGING = frozenset(
 # ... or scale and shift each coordinate (a_k x_k + c_k), where the bounded argument has the
 # output's shape (not broadcast).
 _ELEMENTWISE = frozenset({"convert_element_type", "add", "sub", "neg", "mul", "div"})
+# The element-wise affine maps rows on windows pass through (Propagator._window_step).
+_WINDOW_ELEMENTWISE = _ELEMENTWISE | {"copy", "copy_p"}
 
 
 def _track_exact(node: Node, env: dict, bounded: set, box_values: set, exact: set):
@@ -354,13 +369,23 @@ class Propagator:
     axis = self.graph.batch_axis
     slot = functools.partial(_per_slot, examples)
     lams = {target: lam}
-    bias = jnp.zeros((lam.shape[0], self.batch_size), lam.dtype)
+    rows, dtype = _dense_shape(lam).shape[0], _dense_shape(lam).dtype
+    bias = jnp.zeros((rows, self.batch_size), dtype)
     stop = self.producer.get(target, -1)  # -1: the target is the input itself
     for index in range(stop, -1, -1):
       node = self.graph.nodes[index]
       if not node.bounded or not any(o in lams for o in node.outputs):
         continue
       out_lams = [lams.pop(o, None) for o in node.outputs]
+      if any(isinstance(lo, windows.Window) for lo in out_lams):
+        step = None if alphas is not None else self._window_step(index, node, out_lams, examples)
+        if step is not None:
+          step_bias, in_lams = step
+          bias += step_bias
+          for i, in_lam in in_lams:
+            self._accumulate(lams, i, in_lam)
+          continue
+        out_lams = [_dense(lo) for lo in out_lams]
       if relax and alphas is not None and index in alphas:
         lin = self._relax_with(index, node, alphas[index])
       else:
@@ -384,7 +409,7 @@ class Propagator:
         if poison is not None:
           bias += jax.lax.stop_gradient(poison).astype(bias.dtype)
         cotangents = [
-          jnp.zeros((lam.shape[0],) + tuple(off.shape), lam.dtype) if lo is None else lo
+          jnp.zeros((rows,) + tuple(off.shape), dtype) if lo is None else lo
           for lo, off in zip(out_lams, offsets)
         ]
         for o, lo, off in zip(node.outputs, out_lams, offsets):
@@ -396,6 +421,13 @@ class Propagator:
     lam_x = lams.pop(self.input_id, None)
     if lams:
       raise RuntimeError(f"internal error: coefficients left on values {sorted(lams)}")
+    if isinstance(lam_x, windows.Window):
+      if not keep_input:
+        box = self.env[self.input_id]
+        pos, neg = jnp.maximum(lam_x.values, 0), jnp.minimum(lam_x.values, 0)
+        bias += windows.contract(pos, windows.gather(box.lower, lam_x, examples))
+        return bias + windows.contract(neg, windows.gather(box.upper, lam_x, examples))
+      lam_x = _dense(lam_x)
     if keep_input:
       return bias, self._no_input_coefficients(lam) if lam_x is None else lam_x
     if lam_x is not None:
@@ -403,6 +435,7 @@ class Propagator:
     return bias
 
   def _no_input_coefficients(self, lam):
+    lam = _dense_shape(lam)
     return jnp.zeros((lam.shape[0],) + self.env[self.input_id].shape, lam.dtype)
 
   @staticmethod
@@ -414,7 +447,68 @@ class Propagator:
 
   @staticmethod
   def _accumulate(lams, key, lam):
-    lams[key] = lam if key not in lams else lams[key] + lam
+    lams[key] = lam if key not in lams else _dense(lams[key]) + _dense(lam)
+
+  def _window_step(self, index: int, node: Node, out_lams, examples):
+    """The backward step through ``node`` for rows kept on windows (windows.py): ``(bias, [(input
+    id, coefficients), ...])``, or ``None`` where the node has no window step (the rows are then
+    made dense): one output, read and written as ``[N, *spatial, C]``, and a node that is a
+    channels-last convolution, an element-wise affine map (``add``, ``sub``, ``neg``, ``mul`` or
+    ``div`` by a concrete value, a copy or a conversion to the same type) of values of the
+    output's shape, an element-wise relaxation, or one met with its interval bounds."""
+    (out,), (lam,) = node.outputs, out_lams
+    value = self.env[out]  # a Box: every value a row reaches is bounded
+    if value.shape[1:-1] != lam.spatial or self.graph.batch_axis.get(out) != 0:
+      return None
+    lin = self._linearize(index, node, True)
+    gather = lambda a, **kw: windows.gather(a, lam, examples, **kw)
+    if lin is None:  # met with its interval bounds
+      pos, neg = jnp.maximum(lam.values, 0), jnp.minimum(lam.values, 0)
+      return windows.contract(pos, gather(value.lower)) + windows.contract(
+        neg, gather(value.upper)
+      ), []
+    args = [self.env[i] for i in node.inputs]
+    same = lambda i: args[i].shape == value.shape and self.graph.batch_axis[node.inputs[i]] == 0
+    if isinstance(lin, Relaxation):
+      if not same(lin.index):
+        return None
+      b = lin.bounds
+      pos, neg = jnp.maximum(lam.values, 0), jnp.minimum(lam.values, 0)
+      # As _contract_offset: a zero coefficient takes nothing from an infinite offset.
+      offset = lambda c, o: windows.contract(c, jnp.where(c == 0, 0, gather(o)))
+      bias = offset(pos, b.lower_offset) + offset(neg, b.upper_offset)
+      values = pos * gather(b.lower_slope) + neg * gather(b.upper_slope)
+      return bias, [(node.inputs[lin.index], lam._replace(values=values))]
+    bounded, offsets, _, poison = lin
+    name = getattr(node.key, "name", None)
+    if name == "conv_general_dilated":
+      kernel = args[1]
+      if bounded != (0,) or jnp.ndim(kernel) != len(value.shape):
+        return None
+      pulled = windows.through_conv(lam, kernel, node.params, args[0].shape[1:-1])
+      if pulled is None:
+        return None
+      bias = jnp.zeros(lam.origin.shape[:2], lam.values.dtype)
+      if poison is not None:
+        bias += jax.lax.stop_gradient(poison).astype(bias.dtype)
+      return bias, [(node.inputs[0], pulled)]
+    if name not in _WINDOW_ELEMENTWISE or not all(same(i) for i in bounded):
+      return None
+    if name == "convert_element_type" and node.params["new_dtype"] != value.dtype:
+      return None
+    if name in ("mul", "div") and (len(bounded) != 1 or (name == "div" and bounded != (0,))):
+      return None
+    factor = lambda i: 1
+    if name == "neg":
+      factor = lambda i: -1
+    elif name == "sub":
+      factor = lambda i: 1 if i == 0 else -1
+    elif name == "mul":
+      factor = lambda i: gather(args[1 - i])
+    elif name == "div":
+      factor = lambda i: 1 / gather(args[1], fill=1)
+    bias = windows.contract(lam.values, gather(offsets[0]))
+    return bias, [(node.inputs[i], lam._replace(values=lam.values * factor(i))) for i in bounded]
 
   # -- full CROWN intermediate bounds -------------------------------------------------------------
 
@@ -490,9 +584,13 @@ class Propagator:
     element = jnp.take(order, jnp.minimum(jnp.arange(rows) // 2, size - 1), axis=1).T  # [rows, N]
     valid = jnp.arange(rows)[:, None] < 2 * count[None, :]  # [rows, N]
     sign = jnp.where(jnp.arange(rows) % 2 == 0, 1, -1)[:, None] * valid
+    windowed = alphas is None and self._starts_windows(target)
 
     def run(start):
       rows_of = lambda a: lax.dynamic_slice_in_dim(a, start, chunk)  # [chunk, N]
+      if windowed:
+        lam = windows.start(rows_of(element), rows_of(sign), per_example, dtype)
+        return self.backward(target, lam)
       lam = (
         jax.nn.one_hot(rows_of(element), size, dtype=dtype) * rows_of(sign).astype(dtype)[..., None]
       )
@@ -511,6 +609,16 @@ class Propagator:
     upper = jnp.full((n, size), jnp.inf, dtype)
     upper = upper.at[example[1::2], column[1::2]].set(-out[1::2], mode="drop")
     return self._as_target(target, lower, upper)
+
+  def _starts_windows(self, target: int) -> bool:
+    """Whether ``target``'s rows start on windows (windows.py): with the ``patches`` option (on
+    unless ``False``), for a ``[N, *spatial, C]`` value computed through a convolution."""
+    if self.options.get("patches") is False:
+      return False
+    if not windows.has_windows(self.env[target].shape, self.graph.batch_axis.get(target, 0)):
+      return False
+    nodes = (self.graph.nodes[i] for i in self.upstream_nodes(target))
+    return any(getattr(n.key, "name", None) == "conv_general_dilated" for n in nodes)
 
   def _passes(self, target: int, run, starts, most, shape, dtype):
     """``run(start)`` stacked over ``starts``; those at or past ``most`` are skipped at run time
@@ -561,6 +669,9 @@ class Propagator:
       _, example, element, valid = pairs(start)
       v = valid.astype(dtype)
       sign = jnp.stack([v, -v], axis=1).reshape(rows, n)
+      if self._starts_windows(target):
+        lam = windows.start(jnp.repeat(element, 2, axis=0), sign, per_example, dtype)
+        return self.backward(target, lam, examples=jnp.repeat(example, 2, axis=0))
       lam = jax.nn.one_hot(jnp.repeat(element, 2, axis=0), size, dtype=dtype) * sign[..., None]
       lam = jnp.moveaxis(lam.reshape((rows, n) + per_example), 1, axis + 1)
       return self.backward(target, lam, examples=jnp.repeat(example, 2, axis=0))  # [rows, N]
