@@ -49,7 +49,7 @@ _NETS = {
 
 def _case(name):
   """``(f, params, x)`` in float64 (call it with x64 enabled)."""
-  x = jax.random.uniform(jax.random.key(0), (3, 10, 9, 2), jnp.float64)
+  x = jax.random.uniform(jax.random.key(0), (2, 9, 8, 2), jnp.float64)
   if name == "conv_1d_grouped":
     x = x[:, :, 0, :]
   if name == "per_example_mask":
@@ -102,7 +102,7 @@ def test_patches_give_the_dense_rows_bounds(name, monkeypatch):
 
 def test_patches_give_the_dense_rows_gradients():
   with jax.enable_x64(True):
-    f, params, x = _case("residual_batch_norm")
+    f, params, x = _case("cnn_stride_2_batch_norm")
     box = cb.Box.from_budget(x, 0.05)
 
     def spread(p, patches):
