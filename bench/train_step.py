@@ -35,6 +35,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("nets", ["mlp", "cnn_small", "dm_small", "cnn7"], "Nets to time.")
 flags.DEFINE_integer("batch", 128, "Batch size.")
 flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
+flags.DEFINE_list(
+  "methods",
+  ["ibp", "crown-ibp", "crown-ibp fused"],
+  "Certified training methods timed against the clean step (also: sabr, mtl-ibp).",
+)
 flags.DEFINE_list("budgets", ["uniform", "contextual"], "Budget modes.")
 flags.DEFINE_list("generators", ["coarse", "small"], "Generators timed in contextual mode.")
 flags.DEFINE_bool("train_steps", True, "Time the training steps.")
@@ -68,7 +73,7 @@ def bench_net(name):
   runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
   runs = runs if FLAGS.train_steps else []
   for budget, generator in runs:
-    for method in ("clean", "ibp", "crown-ibp", "crown-ibp fused"):
+    for method in ["clean"] + FLAGS.methods:
       if method == "clean" and (budget, generator) != runs[0]:
         continue
       config = TrainConfig(

@@ -124,13 +124,20 @@ def pgd_attack(
       z = project(z + alpha * jnp.sign(g))
       return z, best
 
-    z, best = jax.lax.fori_loop(0, steps, step, (z0, best))
-    best = keep_best(best, z, margins(logits_fn(z), y))
-    return best, None
+    carry = (z0, best)
+    for k in range(steps):
+      carry = step(k, carry)
+    z, best = carry
+    return keep_best(best, z, margins(logits_fn(z), y))
 
-  best0 = (x, margins(logits_fn(x), y))
-  (best_x, _), _ = jax.lax.scan(one_restart, best0, jax.random.split(key, restarts))
-  return best_x
+  # Python loops, unrolled when traced (steps and restarts are small and static): inside a loop
+  # body XLA:CPU runs the input gradient of a stride-1 convolution (the transposed convolution JAX
+  # derives) ~6x slower than in straight-line code. PGD-20 on DM-small at batch 100: 845 ms as a
+  # `fori_loop`, 145 ms unrolled, compiled in 0.5 s either way (bench/README.md).
+  best = (x, margins(logits_fn(x), y))
+  for restart_key in jax.random.split(key, restarts):
+    best = one_restart(best, restart_key)
+  return best[0]
 
 
 def _apgd_checkpoints(steps: int) -> list[int]:
@@ -222,7 +229,8 @@ def apgd_attack(
       best_margin=best_margin,
     )
 
-  state = jax.lax.fori_loop(0, steps, body, state)
+  for k in range(steps):  # unrolled, as pgd_attack's loops
+    state = body(k, state)
   return state["best_margin"][0]
 
 
