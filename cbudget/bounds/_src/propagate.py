@@ -498,17 +498,17 @@ class Propagator:
       return None
     if name in ("mul", "div") and (len(bounded) != 1 or (name == "div" and bounded != (0,))):
       return None
-    factor = lambda i: 1
+    pull = lambda i: lam.values  # add, a copy, a conversion
     if name == "neg":
-      factor = lambda i: -1
+      pull = lambda i: -lam.values
     elif name == "sub":
-      factor = lambda i: 1 if i == 0 else -1
+      pull = lambda i: lam.values if i == 0 else -lam.values
     elif name == "mul":
-      factor = lambda i: gather(args[1 - i])
+      pull = lambda i: lam.values * gather(args[1 - i])
     elif name == "div":
-      factor = lambda i: 1 / gather(args[1], fill=1)
+      pull = lambda i: lam.values / gather(args[1], fill=1)
     bias = windows.contract(lam.values, gather(offsets[0]))
-    return bias, [(node.inputs[i], lam._replace(values=lam.values * factor(i))) for i in bounded]
+    return bias, [(node.inputs[i], lam._replace(values=pull(i))) for i in bounded]
 
   # -- full CROWN intermediate bounds -------------------------------------------------------------
 
