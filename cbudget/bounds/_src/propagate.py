@@ -369,7 +369,8 @@ class Propagator:
     axis = self.graph.batch_axis
     slot = functools.partial(_per_slot, examples)
     lams = {target: lam}
-    rows, dtype = _dense_shape(lam).shape[0], _dense_shape(lam).dtype
+    dense = _dense_shape(lam)
+    rows, dtype = dense.shape[0], dense.dtype
     bias = jnp.zeros((rows, self.batch_size), dtype)
     stop = self.producer.get(target, -1)  # -1: the target is the input itself
     for index in range(stop, -1, -1):
@@ -423,10 +424,7 @@ class Propagator:
       raise RuntimeError(f"internal error: coefficients left on values {sorted(lams)}")
     if isinstance(lam_x, windows.Window):
       if not keep_input:
-        box = self.env[self.input_id]
-        pos, neg = jnp.maximum(lam_x.values, 0), jnp.minimum(lam_x.values, 0)
-        bias += windows.contract(pos, windows.gather(box.lower, lam_x, examples))
-        return bias + windows.contract(neg, windows.gather(box.upper, lam_x, examples))
+        return bias + windows.interval_term(lam_x, self.env[self.input_id], examples)
       lam_x = _dense(lam_x)
     if keep_input:
       return bias, self._no_input_coefficients(lam) if lam_x is None else lam_x
@@ -463,10 +461,7 @@ class Propagator:
     lin = self._linearize(index, node, True)
     gather = lambda a, **kw: windows.gather(a, lam, examples, **kw)
     if lin is None:  # met with its interval bounds
-      pos, neg = jnp.maximum(lam.values, 0), jnp.minimum(lam.values, 0)
-      return windows.contract(pos, gather(value.lower)) + windows.contract(
-        neg, gather(value.upper)
-      ), []
+      return windows.interval_term(lam, value, examples), []
     args = [self.env[i] for i in node.inputs]
     same = lambda i: args[i].shape == value.shape and self.graph.batch_axis[node.inputs[i]] == 0
     if isinstance(lin, Relaxation):

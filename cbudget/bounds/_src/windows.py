@@ -90,6 +90,14 @@ def contract(values, other):
   return jnp.sum(values * other, axis=tuple(range(2, values.ndim)))
 
 
+def interval_term(window: Window, box, examples=None):
+  """The lower bound ``[R, N]`` of each row's ``<coefficients, value>`` over the value's interval
+  bounds ``box`` (a ``Box`` of ``[N, *spatial, C]``)."""
+  pos, neg = jnp.maximum(window.values, 0), jnp.minimum(window.values, 0)
+  lower, upper = (gather(b, window, examples) for b in (box.lower, box.upper))
+  return contract(pos, lower) + contract(neg, upper)
+
+
 def densify(window: Window):
   """The rows as dense coefficients ``[R, N, *spatial, C]``."""
   r, n, s = window.origin.shape
