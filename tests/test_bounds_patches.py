@@ -24,6 +24,16 @@ class _Conv1d(nn.Module):
     return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
 
+class _SplitChannels(nn.Module):
+  """A node with two outputs (``split``) under a convolution's rows: made dense there."""
+
+  @nn.compact
+  def __call__(self, x):
+    a, b = jnp.split(nn.Conv(4, (3, 3))(x), 2, axis=-1)
+    x = nn.relu(nn.Conv(3, (3, 3))(nn.relu(a) * 0.5 + nn.relu(b)))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
 class _DilatedKernel(nn.Module):
   """A dilated kernel (no window step) between two that have one."""
 
@@ -42,6 +52,7 @@ _NETS = {
   "cnn_uneven_padding": lambda: RandomNet("cnn", "leaky_relu", stride=2, padding=((2, 0), (1, 3))),
   "residual_batch_norm": lambda: RandomNet("residual", "relu", depth=3, batch_norm=True),
   "dilated_kernel": _DilatedKernel,
+  "split_channels": _SplitChannels,
   "conv_1d_grouped": _Conv1d,
   "per_example_mask": None,
 }

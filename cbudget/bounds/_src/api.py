@@ -197,7 +197,9 @@ def crown(
   * ``patches`` (full CROWN): the rows of a convolutional layer's neurons keep their coefficients on
     the neuron's receptive field through the convolutions, element-wise maps and activations below
     it, and become dense at the first other node (auto_LiRPA's patches mode; ``windows.py``).
-    ``False``: dense rows from the start (its matrix mode). Same bounds up to rounding.
+    ``False``: dense rows from the start (its matrix mode). Same bounds up to rounding where every
+    concrete operand is finite (an inf or NaN outside a neuron's receptive field makes only the
+    dense row NaN, which then falls back to IBP).
   * ``relu_lower_slope``: the lower line of an unstable ReLU (and of every one-kink activation):
     ``"adaptive"`` (slope 1 if ``u > -l`` else 0; CROWN's default), ``"zero"``, ``"one"`` or
     ``"parallel"`` (the upper line's slope). Every choice is sound.

@@ -452,8 +452,11 @@ class Propagator:
     id, coefficients), ...])``, or ``None`` where the node has no window step (the rows are then
     made dense): one output, read and written as ``[N, *spatial, C]``, and a node that is a
     channels-last convolution, an element-wise affine map (``add``, ``sub``, ``neg``, ``mul`` or
-    ``div`` by a concrete value, a copy or a conversion to the same type) of values of the
+    ``div`` by a concrete value, a copy or a conversion, whose rule makes it affine only within one
+    type) of values of the
     output's shape, an element-wise relaxation, or one met with its interval bounds."""
+    if len(node.outputs) != 1:  # e.g. split
+      return None
     (out,), (lam,) = node.outputs, out_lams
     value = self.env[out]  # a Box: every value a row reaches is bounded
     if value.shape[1:-1] != lam.spatial or self.graph.batch_axis.get(out) != 0:
@@ -488,8 +491,6 @@ class Propagator:
         bias += jax.lax.stop_gradient(poison).astype(bias.dtype)
       return bias, [(node.inputs[0], pulled)]
     if name not in _WINDOW_ELEMENTWISE or not all(same(i) for i in bounded):
-      return None
-    if name == "convert_element_type" and node.params["new_dtype"] != value.dtype:
       return None
     if name in ("mul", "div") and (len(bounded) != 1 or (name == "div" and bounded != (0,))):
       return None
