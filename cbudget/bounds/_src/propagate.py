@@ -453,8 +453,8 @@ class Propagator:
     made dense): one output, read and written as ``[N, *spatial, C]``, and a node that is a
     channels-last convolution, an element-wise affine map (``add``, ``sub``, ``neg``, ``mul`` or
     ``div`` by a concrete value, a copy or a conversion, whose rule makes it affine only within one
-    type) of values of the
-    output's shape, an element-wise relaxation, or one met with its interval bounds."""
+    type) of values of the output's shape, an element-wise relaxation, or one met with its interval
+    bounds."""
     if len(node.outputs) != 1:  # e.g. split
       return None
     (out,), (lam,) = node.outputs, out_lams
@@ -472,9 +472,9 @@ class Propagator:
         return None
       b = lin.bounds
       pos, neg = jnp.maximum(lam.values, 0), jnp.minimum(lam.values, 0)
-      # As _contract_offset: a zero coefficient takes nothing from an infinite offset.
-      offset = lambda c, o: windows.contract(c, jnp.where(c == 0, 0, gather(o)))
-      bias = offset(pos, b.lower_offset) + offset(neg, b.upper_offset)
+      # One offset per row and slot, as packed rows have them.
+      bias = _contract_offset(pos, gather(b.lower_offset), 0, 1)
+      bias += _contract_offset(neg, gather(b.upper_offset), 0, -1)
       values = pos * gather(b.lower_slope) + neg * gather(b.upper_slope)
       return bias, [(node.inputs[lin.index], lam._replace(values=values))]
     bounded, offsets, _, poison = lin
@@ -655,6 +655,7 @@ class Propagator:
     order = jnp.argsort(~wanted, stable=True)  # the needed (example, element) pairs first
     total = jnp.sum(wanted)
     starts = jnp.arange(-(-(n * size) // per_pass)) * per_pass
+    windowed = self._starts_windows(target)
 
     def pairs(start):  # [rows / 2, N]: pair index, example, element, and whether it is needed
       q = start + jnp.arange(per_pass).reshape(rows // 2, n)
@@ -665,11 +666,12 @@ class Propagator:
       _, example, element, valid = pairs(start)
       v = valid.astype(dtype)
       sign = jnp.stack([v, -v], axis=1).reshape(rows, n)
-      if self._starts_windows(target):
-        lam = windows.start(jnp.repeat(element, 2, axis=0), sign, per_example, dtype)
-        return self.backward(target, lam, examples=jnp.repeat(example, 2, axis=0))
-      lam = jax.nn.one_hot(jnp.repeat(element, 2, axis=0), size, dtype=dtype) * sign[..., None]
-      lam = jnp.moveaxis(lam.reshape((rows, n) + per_example), 1, axis + 1)
+      element = jnp.repeat(element, 2, axis=0)
+      if windowed:
+        lam = windows.start(element, sign, per_example, dtype)
+      else:
+        lam = jax.nn.one_hot(element, size, dtype=dtype) * sign[..., None]
+        lam = jnp.moveaxis(lam.reshape((rows, n) + per_example), 1, axis + 1)
       return self.backward(target, lam, examples=jnp.repeat(example, 2, axis=0))  # [rows, N]
 
     out = self._passes(target, run, starts, total, (rows, n), dtype)  # [passes, rows, N]
