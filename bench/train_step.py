@@ -4,7 +4,8 @@ r"""Benchmark: certified training steps against a clean training step.
 
 For each net: the median wall-clock (over --steps calls after compilation) of a clean step, an IBP
 step, a CROWN-IBP step and one with loss fusion (SGD-style: loss, gradient, Adam update), with uniform boxes and with
-contextual generators (``--generators``), and the ratio of each to the clean step; XLA's planned
+contextual generators (``--generators``), with the bounds on the whole batch and on blocks of
+examples (``--bound_blocks``), and the ratio of each to the clean step; XLA's planned
 memory and floating-point operations per step (a measure of work that does not depend on the
 machine's load); and the throughput of full-CROWN certification, with sparse and dense
 intermediate bounds. mlp and cnn_small are the nets of the auto_LiRPA
@@ -42,6 +43,11 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list("budgets", ["uniform", "contextual"], "Budget modes.")
 flags.DEFINE_list("generators", ["coarse", "small"], "Generators timed in contextual mode.")
+flags.DEFINE_list(
+  "bound_blocks",
+  ["0", "32"],
+  "Examples per block of the bounds (--bound_block: 0 the whole batch) timed for each method.",
+)
 flags.DEFINE_bool("train_steps", True, "Time the training steps.")
 flags.DEFINE_bool("full_crown", True, "Also time full-CROWN certification.")
 flags.DEFINE_integer("crown_batch", 16, "Batch for full-CROWN certification throughput.")
@@ -72,8 +78,9 @@ def bench_net(name):
   clean_ms = clean_flops = None
   runs = [(b, g) for b in FLAGS.budgets for g in (FLAGS.generators if b == "contextual" else [""])]
   runs = runs if FLAGS.train_steps else []
+  blocks = [int(b) for b in FLAGS.bound_blocks]
   for budget, generator in runs:
-    for method in ["clean"] + FLAGS.methods:
+    for method, block in [("clean", 0)] + [(m, b) for m in FLAGS.methods for b in blocks]:
       if method == "clean" and (budget, generator) != runs[0]:
         continue
       config = TrainConfig(
@@ -88,6 +95,7 @@ def bench_net(name):
         steps=1000,
         warmup_fraction=0.0,
         ramp_fraction=0.0,
+        bound_block=block,
       )
       setup = make_setup(config, steps_per_epoch=1000)
       model = dataclasses.replace(setup.model, classifier=make_model(), num_classes=10)
@@ -101,12 +109,13 @@ def bench_net(name):
       if method == "clean":
         clean_ms, clean_flops = ms, flops
       label = "clean" if method == "clean" else f"{method}, {budget} {generator}".strip()
+      label += f", block {block}" if block and method != "clean" else ""
       ratio = f"{ms / clean_ms:5.1f}x" if clean_ms else ""
       mem_s = f"   XLA plan {mem / 2**20:7.1f} MiB" if mem else ""
       flops_s = ""
       if flops and clean_flops:
         flops_s = f"   XLA {flops / 1e9:7.2f} GFLOP ({flops / clean_flops:5.1f}x)"
-      print(f"  {label:28s} {ms:9.2f} ms  {ratio}{mem_s}{flops_s}", flush=True)
+      print(f"  {label:38s} {ms:9.2f} ms  {ratio}{mem_s}{flops_s}", flush=True)
   if FLAGS.full_crown:
     model = make_model()
     xb, yb = x[: FLAGS.crown_batch], y[: FLAGS.crown_batch]

@@ -49,6 +49,9 @@ def load_run(workdir: str) -> Run:
   """The config, setup and latest checkpointed state of the run in ``workdir``."""
   config = config_from_dict(read_config(workdir))
   setup = make_setup(config, steps_per_epoch=1)
+  # Evaluation bounds each batch whole: its batches are large, and blocks are traced one by one
+  # (compilation grows with their number); --bound_block is a training setting.
+  setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, bound_block=None))
   manager = Manager(workdir)
   restored = manager.restore_latest(init_state(setup, config))
   manager.close()

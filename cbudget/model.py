@@ -55,13 +55,16 @@ class CertifiedModel:
 
   ``classifier`` is a Flax module called as ``classifier(x, train=...)``; ``budget_model`` maps
   ``x`` to raw log-budgets, which :func:`cbudget.budgets.budgets` turns into budgets of exact
-  volume under ``budget_config``.
+  volume under ``budget_config``. ``bound_block``: CROWN-IBP bounds (margins and loss fusion) are
+  computed on blocks of that many examples (None: the whole batch at once; the same bounds, see
+  :func:`cbudget.bounds.in_example_blocks`).
   """
 
   classifier: nn.Module
   budget_model: nn.Module | None
   budget_config: BudgetConfig
   num_classes: int
+  bound_block: int | None = None
 
   @classmethod
   def create(
@@ -75,6 +78,7 @@ class CertifiedModel:
     budget_range: tuple[float, float] | None = None,
     volume: str = "nominal",
     squash: str = "clip",
+    bound_block: int | None = None,
   ) -> CertifiedModel:
     """The model of a run, by names; the dataset's facts give the classes and normalisation."""
     facts = data.info(dataset)
@@ -86,6 +90,7 @@ class CertifiedModel:
       generators.budget_model(budget, generator, per_pixel, slot_shape),
       make_budget_config(budget, budget_range, per_pixel, volume, squash),
       facts.num_classes,
+      bound_block,
     )
 
   def init(self, key, example) -> Variables:
@@ -196,7 +201,14 @@ class CertifiedModel:
     """
     spec = margin_spec(labels, self.num_classes, box.dtype)
     return margin_lower_bounds(
-      self._apply, self.classifier_variables(variables), box, spec, method, beta, **crown_options
+      self._apply,
+      self.classifier_variables(variables),
+      box,
+      spec,
+      method,
+      beta,
+      block_size=self.bound_block,
+      **crown_options,
     )
 
   def certified_loss(
@@ -237,6 +249,7 @@ class CertifiedModel:
         labels,
         kappa,
         beta,
+        self.bound_block,
       )
       return LossOutput(losses, clean_logits, lower, eps, batch_stats)
     lower = self.margin_bounds(bound_variables, box, labels, method, beta)

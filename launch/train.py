@@ -102,6 +102,12 @@ flags.DEFINE_bool(
   False,
   "CROWN-IBP: bound the cross-entropy directly (one backward row per example).",
 )
+flags.DEFINE_integer(
+  "bound_block",
+  -1,
+  "CROWN-IBP: bound blocks of this many examples at a time (same bounds): 0 the whole batch, -1 "
+  "auto (16 on a CPU, where it is faster, the whole batch on GPU/TPU).",
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
@@ -116,6 +122,9 @@ flags.register_validator(
   "--budget_range must be 'a,b' with 0 < a <= 1 <= b (e.g. 0.25,4)",
 )
 flags.register_validator("warmup_fraction", lambda v: 0 <= v < 1, "--warmup_fraction in [0, 1)")
+flags.register_validator(
+  "bound_block", lambda v: v >= -1, "--bound_block must be > 0, 0 (whole batch) or -1 (auto)"
+)
 flags.register_validator("ramp_fraction", lambda v: 0 <= v <= 1, "--ramp_fraction in [0, 1]")
 
 

@@ -9,6 +9,8 @@ Entry points, each ``method(fn) -> bound(params, box, ...)``, jit/grad/vmap comp
 * :func:`crown_ibp_head` — the same for a nonlinear function of ``spec @ fn`` (loss fusion).
 * :func:`alpha_crown` — full CROWN with relaxations optimised per bound (α-CROWN).
 
+:func:`in_example_blocks` runs any of them on blocks of examples (the same bounds; faster on a CPU).
+
 :func:`reference_bounds` marks an intermediate value with interval bounds the caller already knows
 (e.g. from a tighter method); every method intersects with them.
 
@@ -25,6 +27,7 @@ from cbudget.bounds._src.api import (
   crown_ibp,
   crown_ibp_head,
   ibp,
+  in_example_blocks,
 )
 from cbudget.bounds._src.box import Box
 from cbudget.bounds._src.reference import reference_bounds
@@ -118,6 +121,7 @@ __all__ = [
   "crown_ibp_head",
   "elementwise_batch_rule",
   "ibp",
+  "in_example_blocks",
   "is_box",
   "register_activation",
   "register_affine",

@@ -365,3 +365,36 @@ def crown_ibp_head(
     return _run(fn, params, box, spec, registry, options, body)
 
   return bound
+
+
+def in_example_blocks(bound: Callable, block_size: int | None) -> Callable:
+  """``bound`` (any entry point's ``bound(params, box, spec=None)``) computed on consecutive blocks
+  of at most ``block_size`` examples, its results concatenated along the batch axis.
+
+  The same bounds: every method treats examples independently (mixing them is refused), so a
+  block's bounds do not depend on the other examples; only the rounding may differ, where XLA picks
+  another algorithm for a smaller batch. What changes is the size of each backward pass's rows
+  (``[R, block, ...]``): on a CPU, whose memory bandwidth limits these passes, rows that stay in
+  the cache make a CROWN-IBP training step 1.3-1.5x faster in blocks of 16 examples (``python -m
+  bench.train_step --bound_blocks``). Blocks are traced one after another (no loop: XLA:CPU runs a
+  convolution's input gradient slowly inside loop bodies), so compilation grows with their number.
+  ``None``, or a batch no larger than ``block_size``, leaves ``bound`` as it is.
+  """
+  if block_size is not None and block_size < 1:
+    raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
+
+  @functools.wraps(bound)
+  def blocked(params, box, spec=None):
+    box = as_box(box)
+    n = box.lower.shape[0] if box.lower.ndim else 0
+    if block_size is None or n <= block_size:
+      return bound(params, box, spec)
+    parts = []
+    for start in range(0, n, block_size):
+      part = slice(start, start + block_size)
+      parts.append(
+        bound(params, Box(box.lower[part], box.upper[part]), None if spec is None else spec[part])
+      )
+    return jax.tree.map(lambda *blocks: jnp.concatenate(blocks, axis=0), *parts)
+
+  return blocked
