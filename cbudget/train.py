@@ -199,26 +199,29 @@ class Setup:
 
 # Examples per block of the CROWN-IBP bounds in training on a CPU by default (python -m
 # bench.train_step --bound_blocks: at batch 128, DM-small's and cnn_small's CROWN-IBP steps in blocks
-# of 16 are 1.3-1.5x faster than in one; blocks of 8 compile for twice as long). An accelerator
-# wants the whole batch.
+# of 16 are 1.3-1.5x faster than in one; blocks of 8 compile for twice as long). Batches up to twice
+# that are bounded whole: their rows already fit in cache, and blocks would only add compilation.
 CPU_BOUND_BLOCK = 16
 
 
-def bound_block(setting: int) -> int | None:
-  """Examples per block of the training's CROWN-IBP bounds for ``--bound_block``: a positive ``setting`` as it
-  is, 0 the whole batch (None), -1 :data:`CPU_BOUND_BLOCK` on a CPU and the whole batch on GPU/TPU."""
+def bound_block(setting: int, batch_size: int) -> int | None:
+  """Examples per block of the training's CROWN-IBP bounds for ``--bound_block``: a positive
+  ``setting`` as it is, 0 the whole batch (None), -1 (auto) :data:`CPU_BOUND_BLOCK` on one CPU
+  device for batches larger than twice that, else the whole batch (an accelerator wants large
+  batches, and blocks would cut across the shards of a batch split over devices)."""
   if setting < -1:
     raise ValueError(
       f"--bound_block must be a positive block size, 0 (none) or -1 (auto), got {setting}"
     )
   if setting == -1:
-    return CPU_BOUND_BLOCK if jax.default_backend() == "cpu" else None
+    on_one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    return CPU_BOUND_BLOCK if on_one_cpu and batch_size > 2 * CPU_BOUND_BLOCK else None
   return setting or None
 
 
 def make_model(config: TrainConfig) -> CertifiedModel:
   return CertifiedModel.create(
-    bound_block=bound_block(config.bound_block),
+    bound_block=bound_block(config.bound_block, config.batch_size),
     dataset=config.dataset,
     classifier=config.model,
     budget=config.budget,

@@ -106,7 +106,7 @@ flags.DEFINE_integer(
   "bound_block",
   -1,
   "CROWN-IBP: bound blocks of this many examples at a time (same bounds): 0 the whole batch, -1 "
-  "auto (16 on a CPU, where it is faster, the whole batch on GPU/TPU).",
+  "auto (16 on one CPU device for batches over 32, where it is faster; else the whole batch).",
 )
 flags.DEFINE_string("coordinator_address", None, "Multi-host: jax.distributed coordinator.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")

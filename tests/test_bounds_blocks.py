@@ -95,12 +95,13 @@ def test_a_block_size_below_one_is_refused(size):
 
 
 def test_training_config_resolves_the_block_size():
-  assert train.bound_block(0) is None
-  assert train.bound_block(5) == 5
-  auto = train.bound_block(-1)
-  assert auto == (train.CPU_BOUND_BLOCK if jax.default_backend() == "cpu" else None)
+  assert train.bound_block(0, 128) is None
+  assert train.bound_block(5, 128) == 5
+  one_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+  assert train.bound_block(-1, 128) == (train.CPU_BOUND_BLOCK if one_cpu else None)
+  assert train.bound_block(-1, 2 * train.CPU_BOUND_BLOCK) is None  # small batches stay whole
   with pytest.raises(ValueError, match="--bound_block"):
-    train.bound_block(-2)
+    train.bound_block(-2, 128)
   config = train.TrainConfig(workdir="unused", dataset="shapes", bound_block=3)
   assert train.make_model(config).bound_block == 3
 
