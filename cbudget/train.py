@@ -221,7 +221,6 @@ def bound_block(setting: int, batch_size: int) -> int | None:
 
 def make_model(config: TrainConfig) -> CertifiedModel:
   return CertifiedModel.create(
-    bound_block=bound_block(config.bound_block, config.batch_size),
     dataset=config.dataset,
     classifier=config.model,
     budget=config.budget,
@@ -230,6 +229,7 @@ def make_model(config: TrainConfig) -> CertifiedModel:
     budget_range=config.budget_range,
     volume=config.volume,
     squash=config.squash,
+    bound_block=bound_block(config.bound_block, config.batch_size),
   )
 
 
