@@ -146,6 +146,7 @@ def validate(config: TrainConfig):
   budgets_lib.make_budget_config(
     config.budget, config.budget_range, config.per_pixel, config.volume, config.squash
   )
+  bound_block(config.bound_block, config.batch_size)  # raises on a bad --bound_block
 
 
 INITS = ("default", "fast", "torch")

@@ -90,10 +90,20 @@ def test_blocks_no_smaller_than_the_batch_leave_the_bound_as_it_is():
   assert calls == [N, N, 2, 2, 2, 1]
 
 
-@pytest.mark.parametrize("size", [0, -3])
-def test_a_block_size_below_one_is_refused(size):
+@pytest.mark.parametrize("size", [0, -3, 3.0, True])
+def test_a_block_size_that_is_not_a_positive_integer_is_refused(size):
   with pytest.raises(ValueError, match="block_size must be a positive integer"):
     in_example_blocks(ibp(lambda p, x: x), size)
+
+
+def test_blocks_refuse_a_spec_of_another_batch_and_results_without_the_examples():
+  f, params, x, eps, spec = _problem("mlp")
+  box = Box.from_budget(x, eps)
+  with pytest.raises(ValueError, match="spec must have shape"):
+    in_example_blocks(ibp(f), 3)(params, box, spec[:-1])
+  constant = lambda params, box, spec=None: Box(jnp.zeros(4), jnp.ones(4))  # no batch axis
+  with pytest.raises(ValueError, match="leading axis"):
+    in_example_blocks(constant, 3)(params, box)
 
 
 def test_training_config_resolves_the_block_size():
@@ -104,6 +114,8 @@ def test_training_config_resolves_the_block_size():
   assert train.bound_block(-1, 2 * train.CPU_BOUND_BLOCK) is None  # small batches stay whole
   with pytest.raises(ValueError, match="--bound_block"):
     train.bound_block(-2, 128)
+  with pytest.raises(ValueError, match="--bound_block"):
+    train.validate(train.TrainConfig(workdir="unused", dataset="shapes", bound_block=-3))
   config = train.TrainConfig(workdir="unused", dataset="shapes", bound_block=3)
   assert train.make_model(config).bound_block == 3
 

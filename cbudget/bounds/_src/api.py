@@ -371,17 +371,25 @@ def in_example_blocks(bound: Callable, block_size: int | None) -> Callable:
   """``bound`` (any entry point's ``bound(params, box, spec=None)``) computed on consecutive blocks
   of at most ``block_size`` examples, its results concatenated along the batch axis.
 
-  The same bounds: every method treats examples independently (mixing them is refused), so a
-  block's bounds do not depend on the other examples; only the rounding may differ, where XLA picks
-  another algorithm for a smaller batch. What changes is the size of each backward pass's rows
-  (``[R, block, ...]``): on a CPU, whose memory bandwidth limits these passes, rows that stay in
-  the cache make a CROWN-IBP training step 1.3-1.5x faster in blocks of 16 examples (``python -m
-  bench.train_step --bound_blocks``). Blocks are traced one after another (no loop: XLA:CPU runs a
-  convolution's input gradient slowly inside loop bodies), so compilation grows with their number.
-  ``None``, or a batch no larger than ``block_size``, leaves ``bound`` as it is.
+  The same bounds, up to rounding, wherever everything that differs between examples comes in
+  through ``box`` and ``spec``, which are split: every method treats examples independently, so a
+  block's bounds do not depend on the other examples. Per-example arrays passed in ``params`` or
+  closed over by ``fn`` (e.g. a mask, or :func:`reference_bounds`' bounds) are not split: bound
+  such a function whole. α-CROWN with an optimiser that couples examples (global-norm clipping)
+  optimises each block on its own, so its (sound) bounds differ. Errors about the box name the
+  position within its block.
+
+  What changes is the size of each backward pass's rows (``[R, block, ...]``): on a CPU, whose
+  memory bandwidth limits these passes, rows that stay in the cache make a CROWN-IBP training step
+  1.3-1.5x faster in blocks of 16 examples (``python -m bench.train_step --bound_blocks``). Blocks
+  are traced one after another (no loop: XLA:CPU runs a convolution's input gradient slowly inside
+  loop bodies), so compilation grows with their number. ``None``, or a batch no larger than
+  ``block_size``, leaves ``bound`` as it is.
   """
-  if block_size is not None and block_size < 1:
-    raise ValueError(f"block_size must be a positive integer or None, got {block_size}")
+  if block_size is not None and (
+    not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+  ):
+    raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
 
   @functools.wraps(bound)
   def blocked(params, box, spec=None):
@@ -389,12 +397,23 @@ def in_example_blocks(bound: Callable, block_size: int | None) -> Callable:
     n = box.lower.shape[0] if box.lower.ndim else 0
     if block_size is None or n <= block_size:
       return bound(params, box, spec)
+    if spec is not None and jnp.shape(spec)[0] != n:
+      raise ValueError(
+        f"spec must have shape [N, S, K] with N = {n} (the batch), got {jnp.shape(spec)}"
+      )
     parts = []
     for start in range(0, n, block_size):
       part = slice(start, start + block_size)
-      parts.append(
-        bound(params, Box(box.lower[part], box.upper[part]), None if spec is None else spec[part])
+      result = bound(
+        params, Box(box.lower[part], box.upper[part]), None if spec is None else spec[part]
       )
+      size = box.lower[part].shape[0]
+      if any(jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != size for leaf in jax.tree.leaves(result)):
+        raise ValueError(
+          "in_example_blocks needs every result to hold the examples on its leading axis; "
+          "bound this function on the whole batch (block_size=None)"
+        )
+      parts.append(result)
     return jax.tree.map(lambda *blocks: jnp.concatenate(blocks, axis=0), *parts)
 
   return blocked
