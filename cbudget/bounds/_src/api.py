@@ -376,8 +376,7 @@ def in_example_blocks(bound: Callable, block_size: int | None) -> Callable:
   block's bounds do not depend on the other examples. Per-example arrays passed in ``params`` or
   closed over by ``fn`` (e.g. a mask, or :func:`reference_bounds`' bounds) are not split: bound
   such a function whole. α-CROWN with an optimiser that couples examples (global-norm clipping)
-  optimises each block on its own, so its (sound) bounds differ. Errors about the box name the
-  position within its block.
+  optimises each block on its own, so its (sound) bounds differ.
 
   What changes is the size of each backward pass's rows (``[R, block, ...]``): on a CPU, whose
   memory bandwidth limits these passes, rows that stay in the cache make a CROWN-IBP training step
@@ -397,17 +396,14 @@ def in_example_blocks(bound: Callable, block_size: int | None) -> Callable:
     n = box.lower.shape[0] if box.lower.ndim else 0
     if block_size is None or n <= block_size:
       return bound(params, box, spec)
-    if spec is not None and jnp.shape(spec)[0] != n:
-      raise ValueError(
-        f"spec must have shape [N, S, K] with N = {n} (the batch), got {jnp.shape(spec)}"
-      )
+    box, spec = _check_inputs(box, spec)  # on the whole batch: errors name its positions
     parts = []
     for start in range(0, n, block_size):
       part = slice(start, start + block_size)
       result = bound(
         params, Box(box.lower[part], box.upper[part]), None if spec is None else spec[part]
       )
-      size = box.lower[part].shape[0]
+      size = min(block_size, n - start)
       if any(jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != size for leaf in jax.tree.leaves(result)):
         raise ValueError(
           "in_example_blocks needs every result to hold the examples on its leading axis; "
