@@ -4,10 +4,11 @@
 
 Per ε (uniform budgets): the robust cross-entropy of the margins' lower bounds from IBP and from
 CROWN-IBP (the margin form CROWN-IBP training minimises), and the fused bound (one backward row per
-example) with the margins' intervals from the logits' intervals (``lower(z_y) - upper(z_j)``, the
+example), three ways: the cross-entropy bounded whole, ``log`` relaxed by a tangent (as auto_LiRPA
+does), with the margins' intervals from the logits' intervals (``lower(z_y) - upper(z_j)``, the
 first version, given to the fused function as :func:`cbudget.bounds.reference_bounds`) and from
-IBP with the margin folded into the last layer (what training uses,
-:func:`cbudget.objective.fused_bounds`).
+IBP with the margin folded into the last layer; and ``log`` applied after bounding its input, with
+the folded intervals (what training uses, :func:`cbudget.objective.fused_bounds`).
 Lower is tighter; every column is an upper bound of the worst-case cross-entropy.
 """
 
@@ -16,7 +17,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from cbudget.bounds import Box, crown, ibp, reference_bounds
+from cbudget.bounds import Box, crown, crown_ibp_head, ibp, reference_bounds
 from bench.common import trained_run_and_test_images
 from cbudget.objective import (
   fused_robust_cross_entropy,
@@ -67,7 +68,9 @@ def main():
       true(logits.lower) - others(logits.upper), true(logits.upper) - others(logits.lower)
     )
     out["fused, logits' intervals"] = fused_over(f, variables, box, spec, differenced).mean()
-    out["fused, folded IBP"] = fused_robust_cross_entropy(f, variables, box, labels, k).mean()
+    tangent = crown_ibp_head(f, negative_cross_entropy_of_margins, need_upper=False)
+    out["fused, log's tangent"] = -tangent(variables, box, spec).crown.lower.mean()
+    out["fused, log after"] = fused_robust_cross_entropy(f, variables, box, labels, k).mean()
     return out
 
   print(f"{args.workdir}: {config.model}, {args.num_examples} test examples")

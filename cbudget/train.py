@@ -285,10 +285,6 @@ def init_state(setup: Setup, config: TrainConfig, example=None) -> TrainState:
 
 # Phases of a run: what a step computes (see :func:`phase_per_step`).
 PHASES = ("clean", "ibp", "full")
-# Methods whose loss is kappa * clean + (1 - kappa) * robust, so that it is the clean loss alone
-# while eps0 = 0 and kappa = 1 (without the warm-up regularisers, which act then); other methods
-# always take the full step.
-_CLEAN_WARMUP_METHODS = ("ibp", "crown-ibp")
 
 
 def phase_per_step(setup: Setup, config: TrainConfig) -> np.ndarray:
@@ -296,7 +292,8 @@ def phase_per_step(setup: Setup, config: TrainConfig) -> np.ndarray:
   schedules on the host.
 
   * ``"clean"``: ε₀ = 0 and κ = 1 (the warm-up), so the objective is the clean cross-entropy alone;
-    no budgets and no bounds are computed.
+    no budgets, bounds or attacks are computed. This holds for every method, whose loss is
+    ``κ·clean + (1 − κ)·robust`` (:mod:`cbudget.methods`), unless the warm-up regularisers are on.
   * ``"ibp"``: CROWN-IBP with β = 0: the mix ``β·CROWN-IBP + (1 − β)·IBP`` is IBP alone, so the
     CROWN-IBP backward pass is skipped.
   * ``"full"``: the whole objective of ``config.method``.
@@ -311,7 +308,7 @@ def phase_per_step(setup: Setup, config: TrainConfig) -> np.ndarray:
   phase = np.full(setup.total_steps, PHASES.index("full"), np.int8)
   if config.method == "crown-ibp":
     phase[beta == 0] = PHASES.index("ibp")
-  if config.method in _CLEAN_WARMUP_METHODS and config.fast_reg == 0:
+  if config.fast_reg == 0:  # the warm-up regularisers act while eps0 = 0: no clean phase then
     phase[(eps0 == 0) & (kappa == 1)] = PHASES.index("clean")
   return phase
 

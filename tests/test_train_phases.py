@@ -37,17 +37,27 @@ def test_phases_follow_the_schedules(tmp_path):
   eps0, beta = np.asarray(setup.eps0(jnp.arange(12))), np.asarray(setup.beta(jnp.arange(12)))
   assert np.all(eps0[:4] == 0) and np.all(eps0[4:] > 0)
   assert np.all(beta[4:9] > 0) and np.all(beta[9:] == 0)
-  # IBP training has no CROWN-IBP pass to skip; a method with another loss never skips anything.
-  setup, config = _setup(tmp_path, method="ibp")
-  assert [p for p, _, _ in phase_ranges(phase_per_step(setup, config))] == ["clean", "full"]
+  # IBP, SABR and MTL-IBP have no CROWN-IBP pass to skip; the warm-up regularisers act while
+  # eps0 = 0, so with them on there is no clean phase.
+  for method in ("ibp", "sabr", "mtl-ibp"):
+    setup, config = _setup(tmp_path, method=method)
+    assert [p for p, _, _ in phase_ranges(phase_per_step(setup, config))] == ["clean", "full"]
+  setup, config = _setup(tmp_path, method="sabr", fast_reg=0.5)
+  assert [p for p, _, _ in phase_ranges(phase_per_step(setup, config))] == ["full"]
 
 
 @pytest.mark.parametrize(
-  "step,phase,fusion",
-  [(2, "clean", False), (10, "ibp", False), (11, "ibp", True)],
+  "step,phase,method,fusion",
+  [
+    (2, "clean", "crown-ibp", False),
+    (3, "clean", "sabr", False),
+    (1, "clean", "mtl-ibp", False),
+    (10, "ibp", "crown-ibp", False),
+    (11, "ibp", "crown-ibp", True),
+  ],
 )
-def test_phase_step_equals_the_full_step(tmp_path, step, phase, fusion):
-  setup, config = _setup(tmp_path, budget="global", loss_fusion=fusion)
+def test_phase_step_equals_the_full_step(tmp_path, step, phase, method, fusion):
+  setup, config = _setup(tmp_path, budget="global", method=method, loss_fusion=fusion)
   assert PHASES[phase_per_step(setup, config)[step]] == phase
   batch = next(data.batches(data.load("shapes", "train", num_examples=32), 32, seed=0, epoch=0))
   state = init_state(setup, config)
