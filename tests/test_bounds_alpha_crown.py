@@ -116,7 +116,7 @@ def test_jit_and_gradients():
     params = _mlp(key, [3, 6, 6, 2])
     net = _net(jax.nn.relu)
     box = Box.from_budget(jax.random.uniform(key, (2, 3), jnp.float64), 0.2, None)
-    bound = alpha_crown(net, iterations=4, lr=0.2)
+    bound = alpha_crown(net, iterations=2, lr=0.2)  # eager dispatch is slow: few iterations
     eager = bound(params, box)
     jitted = jax.jit(bound)(params, box)
     np.testing.assert_allclose(jitted.lower, eager.lower, rtol=1e-9, atol=1e-9)
