@@ -17,7 +17,6 @@ import optax
 
 from cbudget.bounds import (
   Box,
-  HeadBounds,
   alpha_crown,
   crown,
   crown_ibp,
@@ -108,43 +107,80 @@ def certified_loss(clean_logits, margin_lower, labels, kappa) -> Losses:
   return Losses(kappa * clean + (1 - kappa) * robust, clean, robust)
 
 
+def _exp_shift(margins_lower):
+  """``s = max(0, max_j -lower(m_j))`` ``[N, 1]``: the interval upper bound of every ``exp`` input
+  ``-m_j``, subtracted so that ``exp`` never overflows however large the margins' bounds (an
+  overflow would make the bound ``inf`` and its gradient NaN). Held constant under ``jax.grad``."""
+  shift = jnp.max(-margins_lower, axis=1, keepdims=True)
+  return jax.lax.stop_gradient(jnp.maximum(jnp.nan_to_num(shift), 0))
+
+
+def negative_exp_sum_of_margins(margins, margins_box: Box):
+  """``-(e^{-s} + sum_j e^{-m_j - s})`` ``[N, 1]`` with ``s`` from :func:`_exp_shift`: minus the
+  softmax's normaliser relative to the true class, ``e^{CE - s}``, for the margins
+  ``m_j = z_y - z_j`` ``[N, K-1]``, written to be bounded over ``margins_box``.
+
+  Negated because :func:`cbudget.bounds.crown_ibp_head` with ``need_upper=False`` bounds from
+  below. The relaxations commute with the shift (the chord and tangent of ``e^{z - s}`` are
+  ``e^{-s}`` times those of ``e^z``), so it changes the rounding only.
+  """
+  shift = _exp_shift(margins_box.lower)
+  return -(jnp.exp(-shift) + jnp.sum(jnp.exp(-margins - shift), axis=1, keepdims=True))
+
+
 def negative_cross_entropy_of_margins(margins, margins_box: Box):
   """``-log(1 + sum_j exp(-m_j))`` ``[N, 1]``, the cross-entropy's negative as a function of the
-  margins ``m_j = z_y - z_j`` ``[N, K-1]``, written to be bounded over ``margins_box``.
+  margins, in the overflow-free form ``-(s + log(-negative_exp_sum_of_margins))``.
 
-  It is the form ``-(s + log(exp(-s) + sum_j exp(-m_j - s)))``, the same function for any constant
-  ``s`` per example. ``s = max(0, max_j -lower(m_j))`` is the interval upper bound of every ``exp``
-  input, so ``exp`` never overflows however large the margins' bounds (an overflow would make the
-  bound ``inf`` and its gradient NaN). The relaxations commute with the shift (the chord and
-  tangent of ``e^{z - s}`` are ``e^{-s}`` times those of ``e^z``), so it changes the rounding only.
+  Bounding it whole relaxes ``log`` by a tangent (at the middle of its input's interval, as
+  auto_LiRPA's loss fusion does); :func:`fused_bounds` instead applies ``log`` after bounding its
+  input, which is tighter. Kept as the tangent form for comparison (``bench.loss_fusion``) and as
+  a head through both ``exp`` and ``log`` rules.
   """
-  shift = jnp.max(-margins_box.lower, axis=1, keepdims=True)
-  shift = jax.lax.stop_gradient(jnp.maximum(jnp.nan_to_num(shift), 0))
-  total = jnp.exp(-shift) + jnp.sum(jnp.exp(-margins - shift), axis=1, keepdims=True)
-  return -(shift + jnp.log(total))
+  shift = _exp_shift(margins_box.lower)
+  return -(shift + jnp.log(-negative_exp_sum_of_margins(margins, margins_box)))
+
+
+class FusedBounds(NamedTuple):
+  """Loss fusion's bounds (:func:`fused_bounds`)."""
+
+  margins: Box  # [N, K-1]: IBP bounds of the margins z_y - z_j, the spec folded into the last layer
+  cross_entropy: jax.Array  # [N]: upper bounds of the cross-entropy over the box
 
 
 def fused_bounds(
   logits_fn: Callable, variables, box: Box, labels, num_classes: int, block_size: int | None = None
-) -> HeadBounds:
-  """Loss fusion (Xu et al. 2020): CROWN-IBP bounds of the cross-entropy itself, one backward row
-  per example instead of one per margin, through the engine's ``exp`` and ``log`` relaxations.
+) -> FusedBounds:
+  """Loss fusion (Xu et al. 2020): a CROWN-IBP upper bound of the cross-entropy itself, one backward
+  row per example instead of one per margin.
 
-  :func:`cbudget.bounds.crown_ibp_head` with the margin spec and
-  :func:`negative_cross_entropy_of_margins` as the head: ``.spec`` holds the margins' IBP bounds
-  ``[N, K-1]`` (the spec folded into the last layer, far tighter than differencing the logits'
-  intervals, as auto_LiRPA does for loss fusion), ``-.crown.lower[:, 0]`` the fused upper bound of
-  the cross-entropy. One interval pass serves both. ``block_size``: as in
-  :func:`margin_lower_bounds`.
+  The cross-entropy is ``s + log(E)`` with ``E = e^{-s} + sum_j e^{-m_j - s}``
+  (:func:`negative_exp_sum_of_margins`). :func:`cbudget.bounds.crown_ibp_head` bounds ``E`` from
+  above through the engine's ``exp`` relaxation (chords) and one CROWN backward pass; ``log`` is
+  increasing, so ``s + log(upper(E))`` bounds the cross-entropy, and more tightly than relaxing
+  ``log`` by a tangent at any point ``d`` (``log U <= log d + (U - d)/d``, concavity), which is what
+  bounding the whole cross-entropy (auto_LiRPA's loss fusion) does. ``upper(E)`` is also capped by
+  ``E``'s interval upper bound: that cap is the IBP margins' robust cross-entropy, so the fused
+  bound is never looser than IBP's, per example.
+
+  The margins' intervals come from IBP with the spec folded into the last layer (far tighter than
+  differencing the logits' intervals, as auto_LiRPA does for loss fusion); one interval pass serves
+  both. ``block_size``: as in :func:`margin_lower_bounds`.
   """
   spec = margin_spec(labels, num_classes, box.dtype)
-  head = crown_ibp_head(logits_fn, negative_cross_entropy_of_margins, need_upper=False)
-  return in_example_blocks(head, block_size)(variables, box, spec)
+  head = crown_ibp_head(logits_fn, negative_exp_sum_of_margins, need_upper=False)
+  bounds = in_example_blocks(head, block_size)(variables, box, spec)
+  # E <= min(CROWN-IBP's upper bound, IBP's), and E >= IBP's lower bound > 0; both caps are sound.
+  upper = -jnp.maximum(bounds.crown.lower, bounds.ibp.lower)[:, 0]
+  upper = jnp.maximum(upper, -bounds.ibp.upper[:, 0])
+  upper = jnp.maximum(upper, jnp.finfo(upper.dtype).tiny)  # E > 0: log stays finite
+  shift = _exp_shift(bounds.spec.lower)[:, 0]
+  return FusedBounds(bounds.spec, shift + jnp.log(upper))
 
 
 def fused_robust_cross_entropy(logits_fn: Callable, variables, box: Box, labels, num_classes: int):
   """Per-example upper bounds ``[N]`` of the cross-entropy over ``box`` (:func:`fused_bounds`)."""
-  return -fused_bounds(logits_fn, variables, box, labels, num_classes).crown.lower[:, 0]
+  return fused_bounds(logits_fn, variables, box, labels, num_classes).cross_entropy
 
 
 def fused_certified_loss(
@@ -167,7 +203,7 @@ def fused_certified_loss(
   """
   num_classes = clean_logits.shape[-1]
   bounds = fused_bounds(logits_fn, variables, box, labels, num_classes, block_size)
-  ibp_lower, fused = bounds.spec.lower, -bounds.crown.lower[:, 0]
+  ibp_lower, fused = bounds.margins.lower, bounds.cross_entropy
   robust = beta * fused.mean() + (1 - beta) * robust_cross_entropy(ibp_lower, labels, num_classes)
   clean = clean_cross_entropy(clean_logits, labels)
   from_fused = -jnp.log(jnp.expm1(jax.lax.stop_gradient(fused)))

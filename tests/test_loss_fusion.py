@@ -1,6 +1,6 @@
-"""Loss fusion: the fused bound of the robust cross-entropy holds at sampled points of the box,
-its gradient is finite where the margins' bounds are huge, and the fused objective is the margin
-form's at beta = 0."""
+"""Loss fusion: the fused bound of the robust cross-entropy holds at sampled points of the box, is
+never looser than log's tangent or IBP's robust cross-entropy, its gradient is finite where the
+margins' bounds are huge, and the fused objective is the margin form's at beta = 0."""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from cbudget.bounds import Box, ibp
+from cbudget.bounds import Box, crown_ibp_head, ibp
 from cbudget.objective import (
   certified_loss,
   fused_certified_loss,
   fused_robust_cross_entropy,
   margin_spec,
+  negative_cross_entropy_of_margins,
 )
 from tests.nets import RandomNet, init_net
 
@@ -48,6 +49,29 @@ def test_fused_bound_is_above_the_cross_entropy_at_sampled_points(kind, activati
     assert np.all(ce <= fused + 1e-10), np.max(ce - fused)
     # A box of width 0: the bound is the cross-entropy itself.
     np.testing.assert_allclose(fused[0], ce[0, 0], rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind,activation", [("cnn", "relu"), ("mlp", "tanh")])
+def test_fused_bound_is_never_looser_than_logs_tangent_or_ibp(kind, activation):
+  """Theorems, per example: the fused bound applies log after bounding its (positive) input U, and
+  log U <= log d + (U - d)/d for the tangent at any d (concavity); the tangent form's backward row
+  is the fused one scaled by 1/d > 0, so it reaches the same U. The fused bound is also capped by
+  the IBP margins' robust cross-entropy."""
+  with jax.enable_x64(True):
+    f, params, x, labels = _problem(kind, activation, n=8, seed=3)
+    eps = jnp.array([0.0, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 1.0])
+    box = Box.from_budget(x, eps.reshape((-1,) + (1,) * (x.ndim - 1)))
+    spec = margin_spec(labels, 4, jnp.float64)
+    fused = jax.jit(lambda p, b: fused_robust_cross_entropy(f, p, b, labels, 4))(params, box)
+    tangent_head = crown_ibp_head(f, negative_cross_entropy_of_margins, need_upper=False)
+    tangent = -jax.jit(tangent_head)(params, box, spec).crown.lower[:, 0]
+    ibp_lower = jax.jit(ibp(f))(params, box, spec).lower
+    worst = jnp.concatenate([jnp.zeros_like(ibp_lower[:, :1]), -ibp_lower], axis=1)
+    ibp_ce = optax.softmax_cross_entropy_with_integer_labels(worst, jnp.zeros_like(labels))
+    assert np.all(fused <= tangent + 1e-10 * (1 + np.abs(tangent))), np.max(fused - tangent)
+    assert np.all(fused <= ibp_ce + 1e-10 * (1 + np.abs(ibp_ce))), np.max(fused - ibp_ce)
+    # The tangent is strictly looser somewhere on wide boxes: the test can tell the two apart.
+    assert np.max(tangent - fused) > 1e-3
 
 
 def test_fused_bound_has_a_finite_gradient_where_margin_bounds_are_huge():
