@@ -2,7 +2,9 @@
 
 Every method is a function ``loss(model, variables, x, labels, *, eps0, kappa, beta, key, options)
 -> LossOutput``: budgets for ``x`` (volume of a uniform ``eps0``), the non-uniform box
-``[x - ε(x), x + ε(x)] ∩ [0, 1]``, bounds, and ``kappa * clean + (1 - kappa) * robust``.
+``[x - ε(x), x + ε(x)] ∩ [0, 1]``, bounds, and ``kappa * clean + (1 - kappa) * robust``. Training
+relies on that form: while ε₀ = 0 and κ = 1 its step computes the clean loss alone
+(:func:`cbudget.train.phase_per_step`), so a new method must keep it.
 
 * ``ibp``, ``crown-ibp``: the robust cross-entropy of IBP (Gowal et al. 2018) or CROWN-IBP bounds
   (Zhang et al. 2020) over the full box.
