@@ -20,6 +20,12 @@ from cbudget.train import TrainConfig, train
 CLEAN_STEPS = 469  # one epoch of 60,000 images in batches of 128
 
 
+def train_to(config: TrainConfig, step: int, what: str):
+  """Train (or resume) ``config`` to ``step``; stop the script if a signal interrupted it."""
+  if train(config, until_step=step)["step"] != step:
+    raise SystemExit(f"interrupted in the {what}: run the same command again to resume")
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--data_dir", required=True)
@@ -44,17 +50,13 @@ def main():
     log_every=10,
     checkpoint_every=100_000,
   )
-  if train(config, until_step=CLEAN_STEPS)["step"] != CLEAN_STEPS:  # resumes if interrupted
-    raise SystemExit("interrupted in the clean epoch: run the same command again to resume")
+  train_to(config, CLEAN_STEPS, "clean epoch")
   for form in ("margin", "fused"):
     workdir = os.path.join(args.root, form)
     if not os.path.exists(workdir):
       shutil.copytree(config.workdir, workdir)
     run = dataclasses.replace(config, workdir=workdir, loss_fusion=form == "fused")
-    if (
-      train(run, until_step=CLEAN_STEPS + args.ramp_steps)["step"] != CLEAN_STEPS + args.ramp_steps
-    ):
-      raise SystemExit(f"interrupted in the {form} run: run the same command again to resume")
+    train_to(run, CLEAN_STEPS + args.ramp_steps, f"{form} run")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [r for r in map(json.loads, f) if r["step"] > CLEAN_STEPS and r["step"] % 30 == 0]
     print(f"{form:6s} step: robust loss / batch certified error")
